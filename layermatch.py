@@ -1,0 +1,810 @@
+"""
+layermatch.py: LayerMatch semi-supervised image classification in one file of PyTorch.
+
+LayerMatch (Liang et al., "LayerMatch: Do Pseudo-labels Benefit All Layers?", arXiv 2406.14207)
+is FixMatch with two changes: pseudo-labels stop training the linear classifier (Grad-ReLU) and pull
+features towards smoothed class centres (Avg-Clustering). The paper's full text was not available to
+us; section "Our reading of the method" in README.md says exactly what we implemented and why.
+
+    python layermatch.py --dataset cifar10 --labels 40                  # LayerMatch, FixMatch protocol
+    python layermatch.py --dataset cifar10 --labels 40 --algorithm fixmatch   # the baseline
+    python layermatch.py --dataset digits --labels 20                   # offline demo, minutes on a CPU
+    python layermatch.py --dataset cifar10 --labels 40 --resume         # continue an interrupted run
+    torchrun --nproc_per_node=4 layermatch.py --dataset cifar100 --labels 400   # batch = global batch
+    python layermatch.py --bench                                        # throughput vs a PIL pipeline
+
+From Python (your own uint8 images [N, C, H, W] and int64 labels):
+
+    from layermatch import Config, train
+    summary = train(Config(dataset="mydata", labels=40, steps=5000),
+                    data=dict(train_x=..., train_y=..., test_x=..., test_y=..., unlabeled_x=None))
+
+The whole dataset sits on the device as uint8; every augmentation is a batched tensor op with
+per-image randomness; one forward pass over [labeled, weak, strong] per step, as in FixMatch.
+"""
+import argparse
+import copy
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+import typing
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from tqdm import tqdm
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def arg(default, help, **kw):
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class Config:
+    # run
+    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | stl10 | digits (offline); any name with train(data=...)")
+    labels: int = arg(40, "number of labeled training images, class-balanced")
+    algorithm: str = arg("layermatch", "what to train", choices=["layermatch", "fixmatch", "supervised"])
+    seed: int = arg(0, "seeds the labeled subset, the initialisation, sampling and augmentation")
+    data_dir: str = arg("./data", "where torchvision datasets are (or get downloaded to)")
+    out: str = arg("", "output folder (default: runs/<dataset>@<labels>-<algorithm>-s<seed>)")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    overwrite: bool = arg(False, "delete an existing --out and start afresh")
+    stop_at: int = arg(0, "checkpoint and stop after this step (split a run into time-limited jobs); 0 = off")
+    device: str = arg("auto", "auto | cuda | cpu | mps")
+    # FixMatch recipe (None = per-dataset default, see DATASET_DEFAULTS)
+    steps: int | None = arg(None, "training steps K (default 2^20; digits 1500)")
+    batch_size: int | None = arg(None, "labeled batch B, global over all processes (default 64; digits 16)")
+    uratio: int = arg(7, "unlabeled batch = uratio * B (mu)")
+    threshold: float = arg(0.95, "confidence threshold tau for pseudo-labels")
+    lambda_u: float = arg(1.0, "weight of the unsupervised (pseudo-label) loss")
+    lr: float = arg(0.03, "SGD learning rate, cosine-decayed as lr*cos(7*pi*k/(16*K))")
+    weight_decay: float | None = arg(None, "L2 on conv/linear weights (default 5e-4; cifar100 1e-3)")
+    ema: float = arg(0.999, "decay of the weight EMA used for evaluation")
+    eval_every: int | None = arg(None, "steps between evaluations and checkpoints (default 1024; digits 100)")
+    depth: int = arg(28, "WideResNet depth (6n+4)")
+    widen: int | None = arg(None, "WideResNet widening factor (default 2; cifar100 8)")
+    hflip: bool | None = arg(None, "random horizontal flip in weak augmentation (default on; off for svhn, digits)")
+    # LayerMatch (None = per-algorithm default, see ALGORITHM_DEFAULTS)
+    grad_relu: str | None = arg(None, "pseudo-label gradient into the linear head: zero | relu | off",
+                                choices=["zero", "relu", "off"])
+    lambda_ac: float | None = arg(None, "weight of the Avg-Clustering loss (layermatch 1, else 0)")
+    ac_momentum: float = arg(0.99, "momentum alpha of the Avg-Clustering class centres")
+    # speed
+    amp: bool | None = arg(None, "bf16 autocast (default: on for CUDA)")
+    channels_last: bool | None = arg(None, "channels_last memory format (default: on for CUDA)")
+    compile: bool = arg(False, "torch.compile the model")
+    bench: bool = arg(False, "print throughput figures against reference pipelines and exit")
+
+
+DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
+    "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False), "stl10": dict(),
+    "digits": dict(steps=1500, batch_size=16, eval_every=100, hflip=False),
+}
+BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, weight_decay=5e-4, hflip=True)
+ALGORITHM_DEFAULTS = {
+    "layermatch": dict(grad_relu="zero", lambda_ac=1.0),
+    "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
+    "supervised": dict(grad_relu="off", lambda_ac=0.0),
+}
+IDENTITY = ("dataset", "labels", "seed", "algorithm")  # a resumed run must agree on these
+
+
+class UserError(Exception):
+    """A mistake in the input: reported as one line, no traceback."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the checkpoint has been written."""
+
+    def __init__(self, signum, step):
+        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved, continue with --resume")
+        self.signum = signum
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_args(argv=None) -> Config:
+    p = Parser(description="LayerMatch / FixMatch semi-supervised training (arXiv 2406.14207).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    for f in dataclasses.fields(Config):
+        kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
+        flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **meta)
+        else:
+            p.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), **meta)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def resolve(cfg: Config, user_data: bool) -> Config:
+    """Fill the None fields from the dataset and algorithm tables and check every value."""
+    if not user_data and cfg.dataset not in DATASET_DEFAULTS:
+        raise UserError(f"unknown dataset '{cfg.dataset}' (choose from {', '.join(DATASET_DEFAULTS)})")
+    if cfg.algorithm not in ALGORITHM_DEFAULTS:
+        raise UserError(f"unknown algorithm '{cfg.algorithm}' (choose from {', '.join(ALGORITHM_DEFAULTS)})")
+    defaults = {**BASE_DEFAULTS, **DATASET_DEFAULTS.get(cfg.dataset, {}), **ALGORITHM_DEFAULTS[cfg.algorithm]}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
+                              out=cfg.out or f"runs/{cfg.dataset}@{cfg.labels}-{cfg.algorithm}-s{cfg.seed}")
+    for name in ("labels", "steps", "batch_size", "uratio", "eval_every", "widen"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    checks = [(0 < cfg.threshold <= 1, "--threshold must be in (0, 1]"), (cfg.lr > 0, "--lr must be positive"),
+              (0 <= cfg.ema < 1, "--ema must be in [0, 1)"), (0 <= cfg.ac_momentum < 1, "--ac-momentum must be in [0, 1)"),
+              (cfg.weight_decay >= 0 and cfg.lambda_u >= 0 and cfg.lambda_ac >= 0, "weights and decays must be >= 0"),
+              (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0, "--depth must be 6n+4 with n >= 1 (e.g. 28)"),
+              (cfg.stop_at >= 0, "--stop-at must be >= 0"), (not (cfg.resume and cfg.overwrite),
+                                                             "--resume and --overwrite exclude each other")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: whole datasets as uint8 tensors [N, C, H, W]; labels int64.
+
+DOWNLOAD_HINTS = {
+    "cifar10": "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ (https://www.cs.toronto.edu/~kriz/cifar.html)",
+    "cifar100": "cifar-100-python.tar.gz or its extracted cifar-100-python/ (https://www.cs.toronto.edu/~kriz/cifar.html)",
+    "svhn": "train_32x32.mat and test_32x32.mat (http://ufldl.stanford.edu/housenumbers/)",
+    "stl10": "stl10_binary.tar.gz or its extracted stl10_binary/ (https://cs.stanford.edu/~acoates/stl10/)",
+}
+
+
+def load_digits():
+    """scikit-learn's bundled 8x8 digits (1797 images, no download): a fixed 1297/500 train/test split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    d = sklearn_digits()
+    x = torch.from_numpy(d.images * (255 / 16)).round().to(torch.uint8)[:, None]  # [1797, 1, 8, 8]
+    y = torch.from_numpy(d.target).long()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # same split for every --seed
+    train, test = perm[:1297], perm[1297:]
+    return dict(train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test])
+
+
+def load_data(cfg: Config) -> dict:
+    """Returns dict(train_x, train_y, test_x, test_y, unlabeled_x or None); downloads if needed."""
+    if cfg.dataset == "digits":
+        return load_digits()
+    import torchvision.datasets as D
+    nhwc = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # CIFAR stores [N, H, W, C]
+    root = cfg.data_dir
+    try:
+        if cfg.dataset in ("cifar10", "cifar100"):
+            cls = D.CIFAR10 if cfg.dataset == "cifar10" else D.CIFAR100
+            tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
+            return dict(train_x=nhwc(tr.data), train_y=torch.tensor(tr.targets), test_x=nhwc(te.data),
+                        test_y=torch.tensor(te.targets), unlabeled_x=None)
+        cls, splits = (D.SVHN, ("train", "test")) if cfg.dataset == "svhn" else (D.STL10, ("train", "test", "unlabeled"))
+        sets = [cls(root, split=s, download=True) for s in splits]
+        return dict(train_x=torch.from_numpy(sets[0].data), train_y=torch.from_numpy(sets[0].labels).long(),
+                    test_x=torch.from_numpy(sets[1].data), test_y=torch.from_numpy(sets[1].labels).long(),
+                    unlabeled_x=torch.from_numpy(sets[2].data) if len(sets) > 2 else None)
+    except Exception as e:  # no internet, a half-downloaded file, a read-only --data-dir ...
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise UserError(f"could not load {cfg.dataset} from '{root}' ({reason}). Without internet, put "
+                        f"{DOWNLOAD_HINTS[cfg.dataset]} into '{root}' or pass --data-dir") from None
+
+
+def check_data(data: dict):
+    """Validate user-supplied tensors so that mistakes are one clear line, not a shape error at step 1."""
+    for split in ("train", "test"):
+        x, y = data.get(f"{split}_x"), data.get(f"{split}_y")
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4):
+            raise UserError(f"data['{split}_x'] must be a uint8 tensor [N, C, H, W]")
+        if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.shape == (len(x),)):
+            raise UserError(f"data['{split}_y'] must be an int64 tensor [N] matching data['{split}_x']")
+    u, shape = data.get("unlabeled_x"), data["train_x"].shape[1:]
+    if data["test_x"].shape[1:] != shape or (u is not None and (u.dtype != torch.uint8 or u.shape[1:] != shape)):
+        raise UserError(f"all image tensors must be uint8 with the train images' shape [N, {', '.join(map(str, shape))}]")
+    if data["train_y"].min() < 0:
+        raise UserError("labels must be 0..num_classes-1")
+
+
+def labeled_subset(y: torch.Tensor, n_labels: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Indices of a class-balanced labeled subset: n_labels / num_classes images of every class."""
+    if n_labels % num_classes:
+        raise UserError(f"--labels {n_labels} is not divisible by the {num_classes} classes")
+    per_class, counts = n_labels // num_classes, torch.bincount(y, minlength=num_classes)
+    if per_class > counts.min():
+        raise UserError(f"--labels {n_labels} asks for {per_class} per class, but class "
+                        f"{counts.argmin().item()} has only {counts.min().item()} training images")
+    g = torch.Generator().manual_seed(seed)
+    picks = [(y == k).nonzero().squeeze(1) for k in range(num_classes)]
+    return torch.cat([idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in picks])
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation: batched, on the device, per-image random parameters; uint8 in, uint8 out.
+
+
+def reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Map any integer coordinate into [0, n) by mirroring at the borders (numpy 'reflect' padding)."""
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i >= n, period - i, i)
+
+
+def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
+    """Random translation by up to 12.5% of the side with reflect padding, then a random horizontal flip.
+    Both are one gather: every output pixel reads a (mirrored, shifted) input pixel."""
+    N, C, H, W = x.shape
+    dev, s = x.device, round(0.125 * H)
+    dy, dx = (torch.randint(-s, s + 1, (2, N, 1), device=dev, generator=gen))
+    rows = reflect(torch.arange(H, device=dev) + dy, H)  # [N, H]
+    cols = reflect(torch.arange(W, device=dev) + dx, W)  # [N, W]
+    flip = torch.rand(N, 1, device=dev, generator=gen) < 0.5
+    if hflip:
+        cols = torch.where(flip, W - 1 - cols, cols)
+    pixel = (rows[:, :, None] * W + cols[:, None, :]).view(N, 1, H * W).expand(N, C, H * W)
+    return x.flatten(2).gather(2, pixel).view(N, C, H, W)
+
+
+def blend(x, degenerate, factor):
+    """PIL ImageEnhance: degenerate + factor * (x - degenerate), per-image factor."""
+    return torch.lerp(degenerate, x.float(), factor.view(-1, 1, 1, 1)).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def grayscale(x):
+    return x.float() if x.shape[1] == 1 else TF.rgb_to_grayscale(x.float())  # ITU-R 601-2 luma, like PIL
+
+
+def sharpen_degenerate(x):
+    """PIL's SMOOTH filter (3x3, centre weight 5, sum 13) inside, original pixels on the border."""
+    C, xf = x.shape[1], x.float()
+    kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=xf.dtype, device=x.device) / 13
+    smooth = F.conv2d(xf, kernel.expand(C, 1, 3, 3), groups=C)
+    return F.pad(smooth.round(), (1, 1, 1, 1)).where(_interior(x), xf)
+
+
+def _interior(x):
+    m = torch.zeros(x.shape[-2:], dtype=torch.bool, device=x.device)
+    m[1:-1, 1:-1] = True
+    return m
+
+
+def enhance_factor(level):
+    return 0.1 + 1.8 * level / 10
+
+
+def affine(x, level, sign, op):
+    """Rotate / ShearX / ShearY / TranslateX / TranslateY, one grid_sample with a per-image matrix.
+    The matrix maps output to input pixels; since every sign is random, the inverse needs no care.
+    Nearest-neighbour sampling and mid-gray fill, like PIL's defaults in FixMatch's RandAugment."""
+    N, C, H, W = x.shape
+    v = (sign * level).float()
+    angle, shear, shift = torch.deg2rad(3 * v), 0.03 * v, v * W / 32
+    one, zero = torch.ones_like(v), torch.zeros_like(v)
+    A = {  # per op: 2x3 matrix in pixel units about the image centre
+        7: [[angle.cos(), -angle.sin(), zero], [angle.sin(), angle.cos(), zero]],
+        8: [[one, shear, zero], [zero, one, zero]], 9: [[one, zero, zero], [shear, one, zero]],
+        10: [[one, zero, shift], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, shift]],
+    }
+    mats = torch.stack([torch.stack([torch.stack(r, -1) for r in A[k]], -2) for k in A])  # [5, N, 2, 3]
+    theta = mats.gather(0, (op - 7).view(1, N, 1, 1).expand(1, N, 2, 3))[0]
+    scale = torch.tensor([W / 2, H / 2], device=x.device)  # pixels -> grid_sample's [-1, 1] coordinates
+    theta = torch.cat([theta[:, :, :2] * scale[None, None, :] / scale[None, :, None],
+                       theta[:, :, 2:] / scale[None, :, None]], 2)
+    grid = F.affine_grid(theta, [N, C, H, W], align_corners=False)
+    out = F.grid_sample(x.float() - 128, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return (out + 128).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# The 14 RandAugment ops of FixMatch's "RA" variant; (x uint8 [n,C,H,W], level [n] in 1..9, sign [n] +-1).
+COLOR_OPS = {
+    1: lambda x, L, s: TF.autocontrast(x),
+    2: lambda x, L, s: TF.equalize(x),
+    3: lambda x, L, s: blend(x, torch.zeros((), device=x.device), enhance_factor(L)),  # Brightness
+    4: lambda x, L, s: blend(x, grayscale(x), enhance_factor(L)),  # Color
+    5: lambda x, L, s: blend(x, grayscale(x).mean((1, 2, 3), keepdim=True).round(), enhance_factor(L)),  # Contrast
+    6: lambda x, L, s: blend(x, sharpen_degenerate(x), enhance_factor(L)),  # Sharpness
+    12: lambda x, L, s: x & (0xFF << (8 - (4 - (0.4 * L).floor().int()))).to(torch.uint8).view(-1, 1, 1, 1),  # Posterize
+    13: lambda x, L, s: torch.where(x >= (256 - (25.6 * L).floor()).view(-1, 1, 1, 1), 255 - x, x),  # Solarize
+}
+GEOMETRIC_OPS = (7, 8, 9, 10, 11)  # Rotate, ShearX, ShearY, TranslateX, TranslateY; 0 is Identity
+
+
+def apply_to(x, chosen, op, *params):
+    """x with op applied to the images where `chosen`. On the CPU only those images are computed; on an
+    accelerator the whole batch is, then selected, so that no data-dependent size forces a host sync.
+    Both give identical results because every op is per image."""
+    if x.device.type != "cpu":
+        return torch.where(chosen.view(-1, 1, 1, 1), op(x, *params), x)
+    idx = chosen.nonzero().squeeze(1)
+    if len(idx):
+        x[idx] = op(x[idx], *(p[idx] for p in params))
+    return x
+
+
+def strong_augment(x: torch.Tensor, gen: torch.Generator, n_ops: int = 2) -> torch.Tensor:
+    """RandAugment (FixMatch RA) + Cutout on weakly augmented uint8 images. Each image draws n_ops ops
+    uniformly with replacement from 14, applies each with probability 0.5 at a level uniform in 1..9,
+    then gets a gray Cutout square of half its side."""
+    N, C, H, W = x.shape
+    dev, x = x.device, x.clone()
+    for _ in range(n_ops):
+        op = torch.randint(0, 14, (N,), device=dev, generator=gen)
+        op = torch.where(torch.rand(N, device=dev, generator=gen) < 0.5, op, 0)  # 0 = Identity
+        level = torch.randint(1, 10, (N,), device=dev, generator=gen)
+        sign = torch.randint(0, 2, (N,), device=dev, generator=gen) * 2 - 1
+        x = apply_to(x, (op >= 7) & (op <= 11), affine, level, sign, op)
+        for k, fn in COLOR_OPS.items():
+            x = apply_to(x, op == k, fn, level, sign)
+    cy, cx = (torch.rand(2, N, 1, 1, device=dev, generator=gen) * torch.tensor([H, W], device=dev).view(2, 1, 1, 1)).floor()
+    rows, cols = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
+    hole = ((rows - cy).abs() * 2 < H / 2 + 0.5) & ((cols - cx).abs() * 2 < W / 2 + 0.5)  # [N, H, W]
+    return x.masked_fill(hole[:, None], 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# Network: pre-activation WideResNet as in the FixMatch ports, features() and fc kept apart.
+
+
+class Block(nn.Module):
+    def __init__(self, c_in, c_out, stride, activate_before_residual=False):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in, momentum=0.001), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out, momentum=0.001), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None if c_in == c_out and stride == 1 else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+        self.activate_before_residual = activate_before_residual
+
+    def forward(self, x):
+        a = F.leaky_relu(self.bn1(x), 0.1)
+        out = self.conv2(F.leaky_relu(self.bn2(self.conv1(a)), 0.1))
+        residual = a if self.activate_before_residual else x  # only the very first block
+        return out + (residual if self.shortcut is None else self.shortcut(residual))
+
+
+class WideResNet(nn.Module):
+    def __init__(self, num_classes, depth=28, widen=2, in_channels=3):
+        super().__init__()
+        n, widths = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        layers = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)]
+        for stage in range(3):
+            for i in range(n):
+                c_in = widths[stage] if i == 0 else widths[stage + 1]
+                layers.append(Block(c_in, widths[stage + 1], 2 if (i == 0 and stage > 0) else 1, stage == i == 0))
+        layers += [nn.BatchNorm2d(widths[3], momentum=0.001), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)  # x [N, C, H, W] -> f [N, 64*widen]
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.fc(f), f
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: FixMatch, Grad-ReLU, Avg-Clustering (our reading of arXiv 2406.14207, README section 3)
+
+
+def pseudo_label(z_weak: torch.Tensor, tau: float):
+    """FixMatch: hard pseudo-label y_hat = argmax p(weak view), kept where max p >= tau (mask m)."""
+    p_max, y_hat = z_weak.detach().float().softmax(1).max(1)
+    return y_hat, (p_max >= tau).float()
+
+
+class GradReLULinear(torch.autograd.Function):
+    """z = f W^T + b. Backward: the features get the full gradient g W, but the head only the
+    rectified per-logit gradient, ReLU(g)^T f and sum ReLU(g)  (the `--grad-relu relu` variant)."""
+
+    @staticmethod
+    def forward(ctx, f, weight, bias):
+        ctx.save_for_backward(f, weight)
+        return F.linear(f, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        f, weight = ctx.saved_tensors
+        g_head = g.float().clamp(min=0)
+        return ((g @ weight.to(g.dtype)).to(f.dtype), (g_head.t() @ f.float()).to(weight.dtype),
+                g_head.sum(0).to(weight.dtype))
+
+
+def grad_relu_logits(f: torch.Tensor, fc: nn.Linear, mode: str) -> torch.Tensor:
+    """Head logits for the pseudo-label loss. Grad-ReLU "removes the gradient detrimental effects of
+    pseudo-labels in the linear classification layer" (abstract): with `zero` the head's parameters are
+    detached here, so dL_u/dW = dL_u/db = 0 while dL_u/df is unchanged from FixMatch."""
+    if mode == "zero":
+        return F.linear(f, fc.weight.detach(), fc.bias.detach())
+    if mode == "relu":
+        return GradReLULinear.apply(f, fc.weight, fc.bias)
+    return fc(f)  # off: plain FixMatch
+
+
+def cluster_sums(f, y, weight, num_classes):
+    """Per-class sum of unit-normalised features and per-class contributor counts (weight in {0, 1})."""
+    f = F.normalize(f.detach().float(), dim=1) * weight[:, None]
+    sums = torch.zeros(num_classes, f.shape[1], device=f.device).index_add_(0, y, f)
+    return sums, torch.zeros(num_classes, device=f.device).index_add_(0, y, weight.float())
+
+
+def avg_clustering_update(centres, seen, sums, counts, alpha):
+    """Avg-Clustering centres: c_k <- normalize(alpha c_k + (1 - alpha) mean_k) for classes with
+    contributors; a class's first update sets c_k = normalize(mean_k). Returns (centres, seen)."""
+    has = counts > 0
+    mean = sums / counts.clamp(min=1)[:, None]
+    new = F.normalize(torch.where(seen[:, None], alpha * centres + (1 - alpha) * mean, mean), dim=1)
+    return torch.where(has[:, None], new, centres), seen | has
+
+
+def avg_clustering_loss(f_strong, centres, seen, y_hat, mask):
+    """L_ac = (1/muB) sum m (1 - cos(f_strong, c_yhat)); centres are constants, so only features learn."""
+    cos = F.cosine_similarity(f_strong.float(), centres[y_hat], dim=1)
+    return (mask * seen[y_hat] * (1 - cos)).mean()
+
+
+def layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, lambda_u, lambda_ac):
+    """L = L_s + lambda_u L_u + lambda_ac L_ac. z_s must come from grad_relu_logits(f_s, ...)."""
+    L_s = F.cross_entropy(z_l.float(), y)
+    if z_s is None:  # supervised only
+        return L_s, dict(L_s=L_s.detach(), L_u=torch.zeros_like(L_s), L_ac=torch.zeros_like(L_s))
+    L_u = (F.cross_entropy(z_s.float(), y_hat, reduction="none") * mask).mean()
+    L_ac = avg_clustering_loss(f_s, centres, seen, y_hat, mask) if lambda_ac else torch.zeros_like(L_u)
+    loss = L_s + lambda_u * L_u + lambda_ac * L_ac
+    return loss, dict(L_s=L_s.detach(), L_u=L_u.detach(), L_ac=L_ac.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA, schedule, evaluation
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float):
+    """Parameters averaged, BatchNorm buffers copied (forgetting the copy breaks EMA evaluation)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+
+
+def learning_rate(cfg, step):
+    return cfg.lr * math.cos(7 * math.pi * step / (16 * cfg.steps))
+
+
+@torch.no_grad()
+def evaluate(model, x, y, normalize, batch=1024) -> float:
+    model.eval()  # only ever called on the EMA copy; the training model stays in train mode
+    correct = sum((model(normalize(x[i:i + batch]))[0].argmax(1) == y[i:i + batch]).sum() for i in range(0, len(x), batch))
+    return correct.item() / len(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: one dict, written atomically so that a kill at any moment leaves the last one loadable
+
+
+def atomic_write(path, write):
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
+                        "it was left untouched: move it away or start again with --overwrite") from None
+
+
+def prepare_out(cfg: Config):
+    """The output folder: never silently reused or clobbered."""
+    if cfg.resume and not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
+        raise UserError(f"--resume: there is no checkpoint.pt in '{cfg.out}'")
+    if not cfg.resume and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
+        raise UserError(f"output folder '{cfg.out}' exists: add --resume to continue it or --overwrite to replace it")
+    try:
+        if cfg.overwrite:
+            for name in ("checkpoint.pt", "metrics.csv", "summary.json"):
+                if os.path.exists(os.path.join(cfg.out, name)):
+                    os.remove(os.path.join(cfg.out, name))
+        os.makedirs(cfg.out, exist_ok=True)
+        write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
+    except OSError as e:
+        raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
+
+
+def check_resumable(cfg: Config, saved: dict, world: int):
+    for k in IDENTITY:
+        if saved[k] != getattr(cfg, k):
+            raise UserError(f"cannot resume: the checkpoint has --{k} {saved[k]}, this command --{k} {getattr(cfg, k)}")
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in dataclasses.asdict(cfg).items()
+               if k in saved and saved[k] != v and k not in ("resume", "overwrite", "stop_at")]
+    if changed:
+        print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and processes
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    if name == "auto":
+        name = next(k for k, ok in available.items() if ok)
+    if name not in available:
+        raise UserError(f"unknown device '{name}' (choose auto, cuda, cpu or mps)")
+    if not available[name]:
+        raise UserError(f"--device {name} is not available on this machine (try --device cpu)")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def setup_processes(cfg: Config):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
+    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    device = pick_device(cfg.device, local_rank)
+    if world > 1:
+        if cfg.batch_size % world:
+            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} processes")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce(*tensors):
+    if dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def rank_spread(tensors) -> float:
+    """Largest difference of these tensors between processes (0.0 means all ranks agree)."""
+    flat = torch.cat([t.detach().float().flatten() for t in tensors])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, dist.ReduceOp.MAX)
+    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    return (hi - lo).max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+STATS = ("loss", "L_s", "L_u", "L_ac", "mask", "pl_correct", "pl_known", "steps")  # summed on the device
+LOG_EVERY = 16  # steps between host reads of those sums: the only synchronisation in the loop
+
+
+def train(cfg: Config, data: dict | None = None) -> dict:
+    """Train, evaluate and checkpoint one run; returns the summary (also written to summary.json)."""
+    cfg = resolve(cfg, data is not None)
+    rank, world, device = setup_processes(cfg)
+    cuda = device.type == "cuda"
+    cfg = dataclasses.replace(cfg, amp=cuda if cfg.amp is None else cfg.amp,
+                              channels_last=cuda if cfg.channels_last is None else cfg.channels_last)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if rank == 0:  # rank 0 checks the folder and downloads while the others wait
+        prepare_out(cfg)
+    elif world > 1:
+        dist.barrier()
+    if data is None:
+        data = load_data(cfg)
+    check_data(data)
+    if rank == 0 and world > 1:
+        dist.barrier()
+
+    # ---- data on the device
+    num_classes = int(data["train_y"].max()) + 1
+    labeled = labeled_subset(data["train_y"], cfg.labels, num_classes, cfg.seed).to(device)
+    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
+    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
+    extra = data.get("unlabeled_x")
+    unlabeled_x = train_x if extra is None else torch.cat([train_x, extra.to(device)])  # labeled images included
+    unlabeled_y = torch.cat([train_y, train_y.new_full((len(unlabeled_x) - len(train_y),), -1)])  # -1: unknown
+    channels = train_x.transpose(0, 1).reshape(train_x.shape[1], -1)
+    mean = torch.stack([c.float().mean() for c in channels]).view(1, -1, 1, 1)
+    std = torch.stack([c.float().std() for c in channels]).view(1, -1, 1, 1)
+    normalize = lambda x: ((x.float() - mean) / std).contiguous(memory_format=fmt)
+
+    # ---- model, EMA, optimizer (no weight decay on BatchNorm parameters and biases)
+    torch.manual_seed(cfg.seed)  # same initialisation on every rank
+    net = WideResNet(num_classes, cfg.depth, cfg.widen, train_x.shape[1])
+    if world > 1 and device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # BN statistics over the global batch
+    net = net.to(device, memory_format=fmt)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    params = list(net.parameters())
+    opt = torch.optim.SGD([dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.weight_decay),
+                           dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)],
+                          lr=cfg.lr, momentum=0.9, nesterov=True,
+                          **(dict(fused=True) if device.type == "cuda" else dict(foreach=True)))
+    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    forward = torch.compile(model) if cfg.compile else model
+
+    # ---- state that a checkpoint must carry
+    centres = torch.zeros(num_classes, net.fc.in_features, device=device)  # Avg-Clustering c_k
+    seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)  # sampling + augmentation
+    stats = torch.zeros(len(STATS), device=device)
+    step, history, seconds = 0, [], 0.0
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    if cfg.resume:
+        ck = load_checkpoint(path)
+        check_resumable(cfg, ck["config"], world)
+        if len(ck["generators"]) != world:
+            raise UserError(f"cannot resume: the checkpoint was written by {len(ck['generators'])} processes, this run has {world}")
+        net.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generators"][rank])
+        for t, saved in ((centres, ck["centres"]), (seen, ck["seen"]), (stats, ck["stats"])):
+            t.copy_(saved)
+        step, history, seconds = ck["step"], ck["history"], ck["seconds"]
+    start_step, start_time = step, time.time()
+
+    def save_checkpoint():
+        gens = [gen.get_state()] * world
+        if world > 1:
+            dist.all_gather_object(gens, gen.get_state())
+        if rank == 0:
+            state = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
+                         centres=centres, seen=seen, stats=stats, generators=gens, history=history,
+                         seconds=seconds + time.time() - start_time, config=dataclasses.asdict(cfg))
+            atomic_write(path, lambda fh: torch.save(state, fh))
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=list(history[0]) if history else ["step"])
+            writer.writeheader()
+            writer.writerows(history)
+            write_text(os.path.join(cfg.out, "metrics.csv"), text.getvalue())
+
+    stop = []  # signals received; acted on at the next log step, when all ranks agree
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # signal handlers only work there
+        handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    # ---- the loop
+    B, uB = cfg.batch_size // world, cfg.uratio * cfg.batch_size // world  # this process's share
+    semi = cfg.algorithm != "supervised"
+    bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
+    tick, tick_step = time.time(), step
+    try:
+        while step < cfg.steps:
+            i_l = labeled[torch.randint(len(labeled), (B,), device=device, generator=gen)]
+            x_l, y = weak_augment(train_x[i_l], gen, cfg.hflip), train_y[i_l]
+            batch = [x_l]
+            if semi:
+                i_u = torch.randint(len(unlabeled_x), (uB,), device=device, generator=gen)
+                x_w = weak_augment(unlabeled_x[i_u], gen, cfg.hflip)
+                batch += [x_w, strong_augment(x_w, gen)]  # strong = weak + RandAugment + Cutout
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+                z, f = forward(normalize(torch.cat(batch)))  # one pass: BN sees [labeled, weak, strong]
+                z_s = y_hat = mask = f_s = None
+                if semi:
+                    z_l, z_w, z_s_plain = z.split([B, uB, uB])
+                    f_l, f_w, f_s = f.split([B, uB, uB])
+                    y_hat, mask = pseudo_label(z_w, cfg.threshold)
+                    if cfg.lambda_ac:  # Avg-Clustering: labeled + confident-and-consistent unlabeled
+                        with torch.no_grad():
+                            consistent = mask * (z_s_plain.argmax(1) == y_hat)
+                            sums, counts = cluster_sums(torch.cat([f_l, f_w]), torch.cat([y, y_hat]),
+                                                        torch.cat([torch.ones_like(mask[:B]), consistent]), num_classes)
+                            all_reduce(sums, counts)  # identical centres on every rank
+                            centres, seen = avg_clustering_update(centres, seen, sums, counts, cfg.ac_momentum)
+                    z_s = grad_relu_logits(f_s, net.fc, cfg.grad_relu)
+                else:
+                    z_l = z
+                loss, terms = layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, cfg.lambda_u, cfg.lambda_ac)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema_update(ema, net, cfg.ema)
+            step += 1
+
+            with torch.no_grad():  # running sums on the device, no host sync
+                bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), step, bad_step)
+                pseudo = torch.zeros(3, device=device)
+                if semi:  # mask rate; pseudo-label accuracy against the hidden true labels (where known)
+                    hidden = unlabeled_y[i_u]
+                    pseudo = torch.stack([mask.mean(), (mask * (y_hat == hidden)).sum(), (mask * (hidden >= 0)).sum()])
+                stats += torch.cat([torch.stack([loss.detach(), terms["L_s"], terms["L_u"], terms["L_ac"]]),
+                                    pseudo, torch.ones(1, device=device)])
+
+            evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+            if step % LOG_EVERY and not evaluating and step != cfg.stop_at:
+                continue
+            flags = torch.stack([bad_step.float(), torch.tensor(float(bool(stop)), device=device)])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            bad, stopping = flags.tolist()
+            if bad >= 0:
+                raise UserError(f"non-finite loss at step {int(bad)}; stopped. The last checkpoint in '{cfg.out}' "
+                                f"(step {history[-1]['step'] if history else 'none'}) is intact")
+            s = dict(zip(STATS, stats.tolist()))
+            n = max(s["steps"], 1)
+            row = dict(step=step, lr=learning_rate(cfg, step - 1), **{k: s[k] / n for k in ("loss", "L_s", "L_u", "L_ac")},
+                       mask_rate=s["mask"] / n, pl_acc=s["pl_correct"] / max(s["pl_known"], 1))
+            now = time.time()
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} | {"img/s": f"{(step - tick_step) * (B + 2 * uB * semi) * world / (now - tick):.0f}"})
+            bar.update(step - bar.n)
+            tick, tick_step = now, step
+            if evaluating:
+                row["test_acc"] = evaluate(ema, test_x, test_y, normalize) if rank == 0 else float("nan")
+                history.append(row)
+                stats.zero_()
+                save_checkpoint()
+                accs = [h["test_acc"] for h in history]
+                if rank == 0:
+                    bar.write(f"step {step:>7} | test acc {row['test_acc']:.2%} | median(last 20) "
+                              f"{statistics.median(accs[-20:]):.2%} | best {max(accs):.2%} | mask {row['mask_rate']:.2f}")
+            if stopping:
+                save_checkpoint()
+                raise Interrupted(stop[0] if stop else signal.SIGTERM, step)
+            if step == cfg.stop_at:
+                if not evaluating:
+                    save_checkpoint()
+                break
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    if step < cfg.steps:  # --stop-at
+        return dict(steps=step, finished=False)
+    accs = [h["test_acc"] for h in history]
+    summary = dict(test_acc_median_last20=statistics.median(accs[-20:]), test_acc_best=max(accs),
+                   test_acc_final=accs[-1], evaluations=len(accs), steps=step, finished=True,
+                   train_seconds=round(seconds + time.time() - start_time, 1), device=str(device), world_size=world)
+    if world > 1:
+        batches = [None] * world
+        dist.all_gather_object(batches, [len(x_l), len(x_w) if semi else 0])
+        summary |= dict(batch_per_rank=batches,
+                        rank_spread=rank_spread(list(net.parameters()) + list(ema.parameters()) + [centres]))
+        dist.destroy_process_group()
+    if rank == 0:
+        write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
+        print(f"done: test accuracy median of last 20 evals {summary['test_acc_median_last20']:.2%}, "
+              f"best {summary['test_acc_best']:.2%}, final {summary['test_acc_final']:.2%} -> {cfg.out}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    try:
+        cfg = parse_args(argv)
+        if cfg.bench:
+            return bench(resolve(cfg, False))
+        train(cfg)
+    except UserError as e:
+        sys.exit(f"layermatch.py: error: {e}")
+    except Interrupted as e:
+        print(f"layermatch.py: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+
+
+if __name__ == "__main__":
+    main()
