@@ -435,6 +435,12 @@ def grad_relu_logits(f: torch.Tensor, fc: nn.Linear, mode: str) -> torch.Tensor:
     return fc(f)  # off: plain FixMatch
 
 
+def consistent(mask, z_strong, y_hat):
+    """Avg-Clustering contributors among unlabeled samples: confident (m = 1) and consistent, i.e. the
+    strong view's prediction agrees with the pseudo-label. Labeled samples always contribute."""
+    return mask * (z_strong.argmax(1) == y_hat)
+
+
 def cluster_sums(f, y, weight, num_classes):
     """Per-class sum of unit-normalised features and per-class contributor counts (weight in {0, 1})."""
     f = F.normalize(f.detach().float(), dim=1) * weight[:, None]
@@ -707,9 +713,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                     y_hat, mask = pseudo_label(z_w, cfg.threshold)
                     if cfg.lambda_ac:  # Avg-Clustering: labeled + confident-and-consistent unlabeled
                         with torch.no_grad():
-                            consistent = mask * (z_s_plain.argmax(1) == y_hat)
-                            sums, counts = cluster_sums(torch.cat([f_l, f_w]), torch.cat([y, y_hat]),
-                                                        torch.cat([torch.ones_like(mask[:B]), consistent]), num_classes)
+                            weight = torch.cat([torch.ones_like(mask[:B]), consistent(mask, z_s_plain, y_hat)])
+                            sums, counts = cluster_sums(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight, num_classes)
                             all_reduce(sums, counts)  # identical centres on every rank
                             centres, seen = avg_clustering_update(centres, seen, sums, counts, cfg.ac_momentum)
                     z_s = grad_relu_logits(f_s, net.fc, cfg.grad_relu)
@@ -770,19 +775,19 @@ def train(cfg: Config, data: dict | None = None) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
 
-    if step < cfg.steps:  # --stop-at
-        return dict(steps=step, finished=False)
-    accs = [h["test_acc"] for h in history]
-    summary = dict(test_acc_median_last20=statistics.median(accs[-20:]), test_acc_best=max(accs),
-                   test_acc_final=accs[-1], evaluations=len(accs), steps=step, finished=True,
-                   train_seconds=round(seconds + time.time() - start_time, 1), device=str(device), world_size=world)
+    summary = dict(steps=step, finished=step == cfg.steps, device=str(device), world_size=world,
+                   train_seconds=round(seconds + time.time() - start_time, 1))
+    if summary["finished"]:
+        accs = [h["test_acc"] for h in history]
+        summary |= dict(test_acc_median_last20=statistics.median(accs[-20:]), test_acc_best=max(accs),
+                        test_acc_final=accs[-1], evaluations=len(accs))
     if world > 1:
         batches = [None] * world
         dist.all_gather_object(batches, [len(x_l), len(x_w) if semi else 0])
         summary |= dict(batch_per_rank=batches,
                         rank_spread=rank_spread(list(net.parameters()) + list(ema.parameters()) + [centres]))
         dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 and summary["finished"]:
         write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
         print(f"done: test accuracy median of last 20 evals {summary['test_acc_median_last20']:.2%}, "
               f"best {summary['test_acc_best']:.2%}, final {summary['test_acc_final']:.2%} -> {cfg.out}")

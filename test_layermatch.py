@@ -1,0 +1,321 @@
+"""Tests for layermatch.py: the method's math on toy tensors, augmentation, data, and short real runs.
+CPU only, no downloads: synthetic uint8 tensors and scikit-learn's bundled digits."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
+
+import layermatch as lm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_cli(*args, timeout=300, env=None, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "layermatch.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def images(n=8, c=3, size=32, seed=0):
+    return torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-ReLU on toy tensors
+
+
+def toy_unsupervised(mode, seed=0):
+    """L_u on a toy head; returns (loss, features, head) after backward."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(6, 4, generator=g).requires_grad_()
+    fc = nn.Linear(4, 3)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(3, 4, generator=g))
+        fc.bias.copy_(torch.randn(3, generator=g))
+    y_hat = torch.tensor([0, 1, 2, 0, 1, 2])
+    mask = torch.tensor([1.0, 1, 0, 1, 1, 0])
+    loss = (F.cross_entropy(lm.grad_relu_logits(f, fc, mode), y_hat, reduction="none") * mask).mean()
+    loss.backward()
+    return f, fc, y_hat, mask
+
+
+def test_grad_relu_zero_blocks_head_but_not_features():
+    f, fc, _, _ = toy_unsupervised("zero")
+    f_ref, fc_ref, _, _ = toy_unsupervised("off")
+    assert fc.weight.grad is None or torch.count_nonzero(fc.weight.grad) == 0
+    assert fc.bias.grad is None or torch.count_nonzero(fc.bias.grad) == 0
+    assert torch.count_nonzero(fc_ref.weight.grad) > 0  # FixMatch does train the head
+    torch.testing.assert_close(f.grad, f_ref.grad, rtol=0, atol=0)
+
+
+def test_grad_relu_relu_rectifies_the_per_logit_gradient():
+    f, fc, y_hat, mask = toy_unsupervised("relu")
+    f_ref, fc_ref, _, _ = toy_unsupervised("off")
+    # dL/dz for mean-reduced masked CE: m * (softmax(z) - onehot) / N
+    z = f.detach() @ fc.weight.detach().t() + fc.bias.detach()
+    g = mask[:, None] * (z.softmax(1) - F.one_hot(y_hat, 3)) / len(z)
+    assert (g < 0).any() and (g > 0).any()  # the toy case really has both signs
+    torch.testing.assert_close(fc.weight.grad, g.clamp(min=0).t() @ f.detach())
+    torch.testing.assert_close(fc.bias.grad, g.clamp(min=0).sum(0))
+    torch.testing.assert_close(f.grad, f_ref.grad)  # features: full gradient, as FixMatch
+
+
+def test_grad_relu_off_is_fixmatch():
+    f, fc, y_hat, mask = toy_unsupervised("off")
+    z = f.detach() @ fc.weight.detach().t() + fc.bias.detach()
+    g = mask[:, None] * (z.softmax(1) - F.one_hot(y_hat, 3)) / len(z)
+    torch.testing.assert_close(fc.weight.grad, g.t() @ f.detach())
+    torch.testing.assert_close(f.grad, g @ fc.weight.detach())
+
+
+def test_total_loss_with_grad_relu_zero_trains_head_only_from_labels():
+    torch.manual_seed(0)
+    fc = nn.Linear(4, 3)
+    f_l, f_s = torch.randn(4, 4), torch.randn(6, 4, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0])
+    y_hat, mask = torch.tensor([0, 1, 2, 0, 1, 2]), torch.ones(6)
+    centres, seen = F.normalize(torch.randn(3, 4), dim=1), torch.ones(3, dtype=torch.bool)
+    loss, _ = lm.layermatch_loss(fc(f_l), y, lm.grad_relu_logits(f_s, fc, "zero"), y_hat, mask, f_s, centres, seen, 1.0, 1.0)
+    loss.backward()
+    head_grad = fc.weight.grad.clone()
+    fc.zero_grad()
+    F.cross_entropy(fc(f_l), y).backward()
+    torch.testing.assert_close(head_grad, fc.weight.grad)  # = gradient of L_s alone
+
+
+# ---------------------------------------------------------------------------------------------
+# FixMatch pseudo-labels and Avg-Clustering
+
+
+def test_pseudo_label_threshold_and_argmax():
+    z = torch.tensor([[10.0, 0, 0], [0, 0.1, 0], [0, 0, 3.0]])
+    y_hat, mask = lm.pseudo_label(z, 0.9)
+    assert y_hat.tolist() == [0, 1, 2]
+    assert mask.tolist() == [1.0, 0.0, 1.0]  # softmax([0, 0, 3])[2] = 0.9094
+    _, mask = lm.pseudo_label(z, 0.91)
+    assert mask.tolist() == [1.0, 0.0, 0.0]
+    _, mask = lm.pseudo_label(z, 1.0)
+    assert mask.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_consistent_needs_confidence_and_agreement():
+    mask = torch.tensor([1.0, 1.0, 0.0])
+    z_strong = torch.tensor([[5.0, 0], [5.0, 0], [5.0, 0]])
+    assert lm.consistent(mask, z_strong, torch.tensor([0, 1, 0])).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_avg_clustering_first_update_then_momentum():
+    f = torch.tensor([[3.0, 0], [0, 2.0], [0, 5.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1, 1, 0])
+    w = torch.tensor([1.0, 1.0, 1.0, 0.0])  # last sample is not a contributor
+    sums, counts = lm.cluster_sums(f, y, w, 3)
+    assert counts.tolist() == [1.0, 2.0, 0.0]
+    centres, seen = lm.avg_clustering_update(torch.zeros(3, 2), torch.zeros(3, dtype=torch.bool), sums, counts, 0.9)
+    torch.testing.assert_close(centres, torch.tensor([[1.0, 0], [0, 1.0], [0, 0]]))  # set directly; class 2 untouched
+    assert seen.tolist() == [True, True, False]
+    sums, counts = lm.cluster_sums(torch.tensor([[0, 4.0]]), torch.tensor([0]), torch.ones(1), 3)
+    centres, seen = lm.avg_clustering_update(centres, seen, sums, counts, 0.9)
+    torch.testing.assert_close(centres[0], F.normalize(torch.tensor([0.9, 0.1]), dim=0))
+    torch.testing.assert_close(centres[1], torch.tensor([0.0, 1.0]))  # no contributors: unchanged
+
+
+def test_avg_clustering_loss_trains_features_only():
+    f = torch.randn(5, 4, requires_grad=True)
+    centres = F.normalize(torch.randn(3, 4), dim=1).requires_grad_()
+    y_hat, mask = torch.tensor([0, 1, 2, 1, 0]), torch.tensor([1.0, 0, 1, 1, 0])
+    seen = torch.tensor([True, True, False])
+    loss = lm.avg_clustering_loss(f, centres, seen, y_hat, mask)
+    expected = (mask * seen[y_hat] * (1 - F.cosine_similarity(f, centres[y_hat], dim=1))).sum() / 5
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert f.grad[[1, 2, 4]].abs().sum() == 0 and f.grad[[0, 3]].abs().sum() > 0  # unmasked or unseen: no pull
+    # inside train() centres are a buffer without grad, so nothing flows back; the head is not involved at all
+    fc = nn.Linear(4, 3)
+    _, stats = lm.layermatch_loss(fc(f[:2]), torch.tensor([0, 1]), lm.grad_relu_logits(f, fc, "zero"), y_hat, mask,
+                                  f, centres.detach(), seen, 0.0, 1.0)
+    assert stats["L_ac"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_labeled_subset_is_balanced_and_seeded():
+    y = torch.arange(10).repeat(30)
+    a, b, c = (lm.labeled_subset(y, 40, 10, s) for s in (0, 0, 1))
+    assert torch.bincount(y[a], minlength=10).tolist() == [4] * 10
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(set(a.tolist())) == 40
+
+
+@pytest.mark.parametrize("labels,message", [(45, "not divisible"), (400, "only 30")])
+def test_labeled_subset_errors(labels, message):
+    with pytest.raises(lm.UserError, match=message):
+        lm.labeled_subset(torch.arange(10).repeat(30), labels, 10, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def test_weak_augment_is_a_shift_and_flip_of_each_image():
+    x = images(64)
+    out = lm.weak_augment(x, torch.Generator().manual_seed(0), hflip=True)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = F.pad(x.float(), (4, 4, 4, 4), mode="reflect")
+    for i in range(len(x)):  # each output is one of the 81 crops of the reflect-padded image, maybe flipped
+        crops = padded[i].unfold(1, 32, 1).unfold(2, 32, 1).permute(1, 2, 0, 3, 4).reshape(-1, 3, 32, 32)
+        o = out[i].float()
+        assert ((crops == o).flatten(1).all(1) | (crops == o.flip(-1)).flatten(1).all(1)).any()
+    assert len({out[i].float().sum().item() - x[i].float().sum().item() for i in range(64)}) > 10  # per-image
+
+
+def test_strong_augment_shape_range_per_image_and_seeded():
+    x = images(64)
+    out = lm.strong_augment(x, torch.Generator().manual_seed(0))
+    again = lm.strong_augment(x, torch.Generator().manual_seed(0))
+    other = lm.strong_augment(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    # the same image repeated gets different ops
+    same = lm.strong_augment(x[:1].repeat(32, 1, 1, 1), torch.Generator().manual_seed(0))
+    assert len({img.float().sum().item() for img in same}) > 20
+    # every image has a 16x16 cutout square of gray 128 (clipped at the border: at least 8x8)
+    hole = (out == 128).all(1)
+    assert all(hole[i].sum() >= 64 for i in range(len(x)))
+
+
+@pytest.mark.parametrize("op", sorted(lm.COLOR_OPS) + [7, 8, 9, 10, 11])
+def test_every_op_is_per_image(op):
+    """apply_to computes a subset on the CPU and the whole batch + where elsewhere; both agree only if
+    every op treats each image on its own."""
+    x = images(16) // 2 + 40  # a reduced range gives autocontrast and equalize something to do
+    level, sign = torch.randint(1, 10, (16,)), torch.randint(0, 2, (16,)) * 2 - 1
+    chosen = torch.rand(16, generator=torch.Generator().manual_seed(op)) < 0.5
+    fn = lm.affine if op in lm.GEOMETRIC_OPS else lm.COLOR_OPS[op]
+    args = (level, sign, torch.full((16,), op)) if op in lm.GEOMETRIC_OPS else (level, sign)
+    subset = lm.apply_to(x.clone(), chosen, fn, *args)
+    whole = torch.where(chosen.view(-1, 1, 1, 1), fn(x, *args), x)
+    assert torch.equal(subset, whole)
+    assert not torch.equal(subset, x)
+
+
+def pil_images(x):
+    return [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]
+
+
+def from_pil(ims):
+    return torch.stack([torch.tensor(np.array(im)).permute(2, 0, 1) for im in ims])
+
+
+@pytest.mark.parametrize("op,pil", [
+    (1, lambda im, L: ImageOps.autocontrast(im)), (2, lambda im, L: ImageOps.equalize(im)),
+    (3, lambda im, L: ImageEnhance.Brightness(im).enhance(0.1 + 1.8 * L / 10)),
+    (4, lambda im, L: ImageEnhance.Color(im).enhance(0.1 + 1.8 * L / 10)),
+    (5, lambda im, L: ImageEnhance.Contrast(im).enhance(0.1 + 1.8 * L / 10)),
+    (6, lambda im, L: ImageEnhance.Sharpness(im).enhance(0.1 + 1.8 * L / 10)),
+    (12, lambda im, L: ImageOps.posterize(im, 4 - int(0.4 * L))),
+    (13, lambda im, L: ImageOps.solarize(im, 256 - int(25.6 * L))),
+])
+def test_color_ops_match_pil(op, pil):
+    """Our batched ops reproduce PIL (what FixMatch's RandAugment uses) to within 1 grey level."""
+    x = (images(12) // 2 + 40)  # not the full range, so that autocontrast and equalize have work to do
+    level = torch.arange(12) % 9 + 1
+    ours = lm.COLOR_OPS[op](x, level, torch.ones(12))
+    ref = from_pil([pil(im, int(L)) for im, L in zip(pil_images(x), level)])
+    assert (ours.int() - ref.int()).abs().max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Network and EMA
+
+
+def test_wideresnet_28_2_size_and_shapes():
+    net = lm.WideResNet(10, 28, 2)
+    assert abs(sum(p.numel() for p in net.parameters()) - 1.47e6) < 0.01e6
+    z, f = net(torch.randn(2, 3, 32, 32))
+    assert z.shape == (2, 10) and f.shape == (2, 128)
+    torch.testing.assert_close(net.fc(net.features(torch.zeros(1, 3, 32, 32))), net(torch.zeros(1, 3, 32, 32))[0])
+
+
+def test_ema_averages_parameters_and_copies_buffers():
+    model, ema = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.running_mean.fill_(5.0)
+    lm.ema_update(ema, model, 0.9)
+    torch.testing.assert_close(ema.weight, torch.full((3,), 0.9 * 1.0 + 0.1 * 2.0))
+    torch.testing.assert_close(ema.running_mean, torch.full((3,), 5.0))
+
+
+def test_learning_rate_schedule():
+    cfg = lm.Config(lr=0.03, steps=1000)
+    assert lm.learning_rate(cfg, 0) == 0.03
+    assert abs(lm.learning_rate(cfg, 1000) - 0.03 * torch.cos(torch.tensor(7 * torch.pi / 16)).item()) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and real runs
+
+
+def synthetic(n_train=200, n_test=50, classes=4, size=16, seed=0):
+    """Images whose class is a brightness band: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        y = torch.arange(n) % classes
+        x = (y.view(-1, 1, 1, 1) * (200 // classes) + torch.randint(0, 40, (n, 3, size, size), generator=g))
+        return x.to(torch.uint8), y
+    (tx, ty), (vx, vy) = make(n_train), make(n_test)
+    return dict(train_x=tx, train_y=ty, test_x=vx, test_y=vy)
+
+
+def test_train_on_user_tensors(tmp_path):
+    cfg = lm.Config(dataset="bands", labels=8, steps=12, eval_every=6, batch_size=4, uratio=2, out=str(tmp_path / "r"))
+    summary = lm.train(cfg, data=synthetic())
+    assert summary["finished"] and summary["evaluations"] == 2
+    assert 0 <= summary["test_acc_median_last20"] <= 1
+    rows = open(tmp_path / "r" / "metrics.csv").read().splitlines()
+    assert rows[0].startswith("step,lr,loss") and [r.split(",")[0] for r in rows[1:]] == ["6", "12"]
+    assert json.load(open(tmp_path / "r" / "config.json"))["grad_relu"] == "zero"
+
+
+def test_cli_smoke_run(tmp_path):
+    r = run_cli("--dataset", "digits", "--labels", 20, "--steps", 8, "--eval-every", 4, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["steps"] == 8 and summary["evaluations"] == 2
+    assert "test acc" in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+def test_help_is_complete():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for f in ("--labels", "--grad-relu", "--lambda-ac", "--ac-momentum", "--resume", "--bench", "--no-hflip"):
+        assert f in r.stdout
+
+
+def test_offline_download_fails_with_one_line(tmp_path):
+    dead = "http://127.0.0.1:9"  # nothing listens there: the download fails at once
+    env = dict(os.environ, http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead)
+    r = run_cli("--dataset", "cifar10", "--data-dir", tmp_path / "data", "--out", tmp_path / "run", env=env, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cifar-10-batches-py" in lines[0] and str(tmp_path / "data") in lines[0], r.stderr
+
+
+def test_layermatch_beats_supervised_on_digits(tmp_path):
+    """20 labels (2 per class): pseudo-labels must clearly help within a short CPU run."""
+    common = dict(dataset="digits", labels=20, steps=400, eval_every=50)
+    semi = lm.train(lm.Config(**common, out=str(tmp_path / "lm")))
+    sup = lm.train(lm.Config(**common, algorithm="supervised", out=str(tmp_path / "sup")))
+    print(f"digits, 400 steps: layermatch {semi['test_acc_final']:.3f}, supervised {sup['test_acc_final']:.3f}")
+    assert semi["test_acc_final"] > sup["test_acc_final"] + 0.10
