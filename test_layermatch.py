@@ -319,3 +319,124 @@ def test_layermatch_beats_supervised_on_digits(tmp_path):
     sup = lm.train(lm.Config(**common, algorithm="supervised", out=str(tmp_path / "sup")))
     print(f"digits, 400 steps: layermatch {semi['test_acc_final']:.3f}, supervised {sup['test_acc_final']:.3f}")
     assert semi["test_acc_final"] > sup["test_acc_final"] + 0.10
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: exact resume, kills, corrupt checkpoints, non-finite losses, bad input
+
+TINY = ("--dataset", "digits", "--labels", 20, "--batch-size", 8, "--uratio", 2)
+
+
+def states_equal(a, b):
+    """Step, history and every tensor (model, EMA, optimizer, centres, generators) bit-identical."""
+    ca, cb = (torch.load(p, weights_only=False) for p in (a, b))
+    tensors = lambda c: [*c["model"].values(), *c["ema"].values(), c["centres"], c["seen"], *c["generators"],
+                         *(v for s in c["optimizer"]["state"].values() for v in s.values())]
+    ta, tb = tensors(ca), tensors(cb)
+    return (ca["step"], ca["history"]) == (cb["step"], cb["history"]) and len(ta) == len(tb) and \
+        all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def test_resume_is_bit_identical(tmp_path):
+    common = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=24, eval_every=8)
+    lm.train(lm.Config(**common, out=str(tmp_path / "straight")))
+    half = lm.train(lm.Config(**common, out=str(tmp_path / "split"), stop_at=12))  # not at an evaluation
+    assert half == dict(half, steps=12, finished=False)
+    lm.train(lm.Config(**common, out=str(tmp_path / "split"), resume=True))
+    assert states_equal(tmp_path / "straight" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt")
+    assert open(tmp_path / "straight" / "metrics.csv").read() == open(tmp_path / "split" / "metrics.csv").read()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, sig):
+    args = (*TINY, "--steps", 120, "--eval-every", 10)
+    assert run_cli(*args, "--out", tmp_path / "straight").returncode == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "layermatch.py"), *map(str, args), "--out", out],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(out / "metrics.csv") or open(out / "metrics.csv").read().count("\n") < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (-9 if sig == signal.SIGKILL else 128 + sig), err
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)  # loadable whatever the moment of the kill
+    assert 20 <= saved["step"] < 120
+    if sig == signal.SIGTERM:
+        assert "checkpoint saved" in err and "Traceback" not in err
+    r = run_cli(*args, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert states_equal(tmp_path / "straight" / "checkpoint.pt", out / "checkpoint.pt")
+    assert open(tmp_path / "straight" / "metrics.csv").read() == open(out / "metrics.csv").read()
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*TINY, "--steps", 4, "--eval-every", 2, "--out", out).returncode == 0
+    ck = out / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:5000])  # truncated, as by a full disk
+    before = ck.read_bytes()
+    r = run_cli(*TINY, "--steps", 8, "--eval-every", 2, "--out", out, "--resume")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "corrupt" in r.stderr
+    assert ck.read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real = lm.layermatch_loss
+    calls = []
+
+    def poisoned(*args):  # from the 11th step on, the loss is NaN
+        loss, terms = real(*args)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 10 else loss), terms
+    monkeypatch.setattr(lm, "layermatch_loss", poisoned)
+    cfg = lm.Config(dataset="digits", labels=20, batch_size=8, uratio=2, steps=40, eval_every=8, out=str(tmp_path / "r"))
+    with pytest.raises(lm.UserError, match="non-finite loss at step 11"):
+        lm.train(cfg)
+    saved = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 8
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--dataset", "mnist"), "unknown dataset"),
+    (("--labels", 25), "not divisible"),
+    (("--labels", 2000), "per class"),
+    (("--labels", 0), "--labels must be at least 1"),
+    (("--steps", 0), "--steps must be at least 1"),
+    (("--batch-size", 0), "--batch-size must be at least 1"),
+    (("--uratio", 0), "--uratio must be at least 1"),
+    (("--threshold", 0), "--threshold"),
+    (("--threshold", 1.5), "--threshold"),
+    (("--device", "cuda"), "not available"),
+    (("--device", "tpu"), "unknown device"),
+    (("--depth", 27), "--depth"),
+    (("--lr", -1), "--lr"),
+    (("--ema", 1), "--ema"),
+    (("--steps", "many"), "invalid int value"),
+    (("--frobnicate",), "unrecognized arguments"),
+    (("--algorithm", "mixmatch"), "invalid choice"),
+    (("--resume", "--overwrite"), "exclude"),
+    (("--out", "/proc/no-such-place"), "cannot write"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    if args[0] == "--device" and args[1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    full = (*TINY, "--steps", 2, "--out", tmp_path / "run", *args)
+    r = run_cli(*full, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_existing_output_folder_and_resume_mismatch(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*TINY, "--steps", 2, "--eval-every", 2, "--out", out).returncode == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    r = run_cli(*TINY, "--steps", 2, "--out", out)
+    assert r.returncode != 0 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    r = run_cli(*TINY, "--steps", 2, "--out", out, "--resume", "--seed", 3)
+    assert r.returncode != 0 and "--seed 0, this command --seed 3" in r.stderr
+    assert run_cli(*TINY, "--steps", 2, "--out", tmp_path / "nothing", "--resume").returncode != 0
+    assert (out / "checkpoint.pt").read_bytes() == before
