@@ -85,8 +85,8 @@ class Config:
     lambda_ac: float | None = arg(None, "weight of the Avg-Clustering loss (layermatch 1, else 0)")
     ac_momentum: float = arg(0.99, "momentum alpha of the Avg-Clustering class centres")
     # speed
-    amp: bool | None = arg(None, "bf16 autocast (default: on for CUDA)")
-    channels_last: bool | None = arg(None, "channels_last memory format (default: on for CUDA)")
+    amp: bool | None = arg(None, "bf16 autocast (default: on for CUDA; try it on CPUs with AVX512-BF16/AMX)")
+    channels_last: bool = arg(True, "channels_last memory format (faster convolutions on GPUs and recent CPUs)")
     compile: bool = arg(False, "torch.compile the model")
     bench: bool = arg(False, "print throughput figures against reference pipelines and exit")
 
@@ -270,15 +270,11 @@ def grayscale(x):
 def sharpen_degenerate(x):
     """PIL's SMOOTH filter (3x3, centre weight 5, sum 13) inside, original pixels on the border."""
     C, xf = x.shape[1], x.float()
-    kernel = torch.tensor([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=xf.dtype, device=x.device) / 13
-    smooth = F.conv2d(xf, kernel.expand(C, 1, 3, 3), groups=C)
-    return F.pad(smooth.round(), (1, 1, 1, 1)).where(_interior(x), xf)
-
-
-def _interior(x):
-    m = torch.zeros(x.shape[-2:], dtype=torch.bool, device=x.device)
-    m[1:-1, 1:-1] = True
-    return m
+    kernel = torch.ones(3, 3, device=x.device)  # built on the device: a tensor from a list would sync
+    kernel[1, 1] = 5
+    smooth = F.conv2d(xf, (kernel / 13).expand(C, 1, 3, 3), groups=C).round()
+    interior = F.pad(torch.ones_like(smooth[:1, :1], dtype=torch.bool), (1, 1, 1, 1))
+    return F.pad(smooth, (1, 1, 1, 1)).where(interior, xf)
 
 
 def enhance_factor(level):
@@ -299,10 +295,11 @@ def affine(x, level, sign, op):
         10: [[one, zero, shift], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, shift]],
     }
     mats = torch.stack([torch.stack([torch.stack(r, -1) for r in A[k]], -2) for k in A])  # [5, N, 2, 3]
-    theta = mats.gather(0, (op - 7).view(1, N, 1, 1).expand(1, N, 2, 3))[0]
-    scale = torch.tensor([W / 2, H / 2], device=x.device)  # pixels -> grid_sample's [-1, 1] coordinates
-    theta = torch.cat([theta[:, :, :2] * scale[None, None, :] / scale[None, :, None],
-                       theta[:, :, 2:] / scale[None, :, None]], 2)
+    theta = mats.gather(0, (op - 7).view(1, N, 1, 1).expand(1, N, 2, 3))[0].clone()
+    theta[:, 0, 1] *= H / W  # pixels -> grid_sample's [-1, 1] coordinates: D^-1 A D, D = diag(W/2, H/2)
+    theta[:, 1, 0] *= W / H
+    theta[:, 0, 2] *= 2 / W
+    theta[:, 1, 2] *= 2 / H
     grid = F.affine_grid(theta, [N, C, H, W], align_corners=False)
     out = F.grid_sample(x.float() - 128, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return (out + 128).round_().clamp_(0, 255).to(torch.uint8)
@@ -348,7 +345,8 @@ def strong_augment(x: torch.Tensor, gen: torch.Generator, n_ops: int = 2) -> tor
         x = apply_to(x, (op >= 7) & (op <= 11), affine, level, sign, op)
         for k, fn in COLOR_OPS.items():
             x = apply_to(x, op == k, fn, level, sign)
-    cy, cx = (torch.rand(2, N, 1, 1, device=dev, generator=gen) * torch.tensor([H, W], device=dev).view(2, 1, 1, 1)).floor()
+    cy = (torch.rand(N, 1, 1, device=dev, generator=gen) * H).floor()
+    cx = (torch.rand(N, 1, 1, device=dev, generator=gen) * W).floor()
     rows, cols = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
     hole = ((rows - cy).abs() * 2 < H / 2 + 0.5) & ((cols - cx).abs() * 2 < W / 2 + 0.5)  # [N, H, W]
     return x.masked_fill(hole[:, None], 128)
@@ -603,8 +601,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     cfg = resolve(cfg, data is not None)
     rank, world, device = setup_processes(cfg)
     cuda = device.type == "cuda"
-    cfg = dataclasses.replace(cfg, amp=cuda if cfg.amp is None else cfg.amp,
-                              channels_last=cuda if cfg.channels_last is None else cfg.channels_last)
+    cfg = dataclasses.replace(cfg, amp=cuda if cfg.amp is None else cfg.amp)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -693,6 +690,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
     tick, tick_step = time.time(), step
+    steady_start, steady_step, busy = None, step, 0.0  # throughput clock: after the first step, minus evaluations
     try:
         while step < cfg.steps:
             i_l = labeled[torch.randint(len(labeled), (B,), device=device, generator=gen)]
@@ -726,6 +724,9 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             opt.step()
             ema_update(ema, net, cfg.ema)
             step += 1
+            if steady_start is None:
+                loss.item()  # wait for the warm-up step, once
+                steady_start, steady_step = time.time(), step
 
             with torch.no_grad():  # running sums on the device, no host sync
                 bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), step, bad_step)
@@ -755,6 +756,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             bar.update(step - bar.n)
             tick, tick_step = now, step
             if evaluating:
+                busy -= time.time()
                 row["test_acc"] = evaluate(ema, test_x, test_y, normalize) if rank == 0 else float("nan")
                 history.append(row)
                 stats.zero_()
@@ -763,6 +765,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                 if rank == 0:
                     bar.write(f"step {step:>7} | test acc {row['test_acc']:.2%} | median(last 20) "
                               f"{statistics.median(accs[-20:]):.2%} | best {max(accs):.2%} | mask {row['mask_rate']:.2f}")
+                busy += time.time()
             if stopping:
                 save_checkpoint()
                 raise Interrupted(stop[0] if stop else signal.SIGTERM, step)
@@ -775,8 +778,10 @@ def train(cfg: Config, data: dict | None = None) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
 
+    steady = time.time() - steady_start - busy if steady_start else 0
     summary = dict(steps=step, finished=step == cfg.steps, device=str(device), world_size=world,
-                   train_seconds=round(seconds + time.time() - start_time, 1))
+                   train_seconds=round(seconds + time.time() - start_time, 1),
+                   steps_per_second=(step - steady_step) / steady if steady > 0 else float("nan"))
     if summary["finished"]:
         accs = [h["test_acc"] for h in history]
         summary |= dict(test_acc_median_last20=statistics.median(accs[-20:]), test_acc_best=max(accs),
@@ -792,6 +797,88 @@ def train(cfg: Config, data: dict | None = None) -> dict:
         print(f"done: test accuracy median of last 20 evals {summary['test_acc_median_last20']:.2%}, "
               f"best {summary['test_acc_best']:.2%}, final {summary['test_acc_final']:.2%} -> {cfg.out}")
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark (--bench): our throughput next to reference pipelines, measured side by side in one run
+
+
+def pil_pipeline(side, channels, hflip):
+    """The reference: the same recipe per image on PIL, as the classic implementations run it in DataLoader
+    workers (flip, reflect-pad crop, 2-of-14 RandAugment at p=0.5, Cutout, ToTensor, Normalize)."""
+    import random
+    import torchvision.transforms as T
+    from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+    gray, pm = (128,) * channels if channels > 1 else 128, lambda L: L * random.choice((-1, 1))
+    enhance = lambda cls: lambda im, L: cls(im).enhance(0.1 + 1.8 * L / 10)
+    warp = lambda m: lambda im, L: im.transform(im.size, Image.AFFINE, m(L), fillcolor=gray)
+    ops = [lambda im, L: im, lambda im, L: ImageOps.autocontrast(im), lambda im, L: ImageOps.equalize(im),
+           enhance(ImageEnhance.Brightness), enhance(ImageEnhance.Color), enhance(ImageEnhance.Contrast),
+           enhance(ImageEnhance.Sharpness), lambda im, L: im.rotate(3 * pm(L), fillcolor=gray),
+           warp(lambda L: (1, 0.03 * pm(L), 0, 0, 1, 0)), warp(lambda L: (1, 0, 0, 0.03 * pm(L), 1, 0)),
+           warp(lambda L: (1, 0, pm(L) * side / 32, 0, 1, 0)), warp(lambda L: (1, 0, 0, 0, 1, pm(L) * side / 32)),
+           lambda im, L: ImageOps.posterize(im, 4 - int(0.4 * L)), lambda im, L: ImageOps.solarize(im, 256 - int(25.6 * L))]
+
+    def strong(im):
+        for op in random.choices(ops, k=2):
+            im = op(im, random.randint(1, 9)) if random.random() < 0.5 else im
+        cy, cx, h = random.randrange(side), random.randrange(side), side // 4
+        ImageDraw.Draw(im).rectangle((cx - h, cy - h, cx + h - 1, cy + h - 1), fill=gray)  # Cutout
+        return im
+    weak = T.Compose([T.RandomHorizontalFlip(0.5 * hflip), T.RandomCrop(side, round(side / 8), padding_mode="reflect")])
+    tensor = T.Compose([T.ToTensor(), T.Normalize([0.5] * channels, [0.25] * channels)])
+    return lambda im: (tensor(weak(im)), tensor(strong(weak(im))))
+
+
+def seconds_per_call(fn, device, min_seconds=2.0):
+    fn()  # warm-up
+    calls, start = 0, time.time()
+    while time.time() - start < min_seconds:
+        fn()
+        calls += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.time() - start) / calls
+
+
+def bench(cfg: Config):
+    """Figures for this device and config on synthetic uint8 data of the dataset's shape."""
+    import tempfile
+    from PIL import Image
+    device, threads = pick_device(cfg.device, 0), torch.get_num_threads()
+    C, S = {"digits": (1, 8), "stl10": (3, 96)}.get(cfg.dataset, (3, 32))
+    B, uB = cfg.batch_size, cfg.uratio * cfg.batch_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (max(1024, B + uB), C, S, S), dtype=torch.uint8, generator=g)
+    y = torch.arange(len(x)) % 10
+    print(f"device {device}, torch {torch.__version__}, {threads} threads, dataset shape {C}x{S}x{S}, B={B}, muB={uB}")
+
+    gen, x_l, x_u = torch.Generator(device).manual_seed(0), x[:B].to(device), x[:uB].to(device)
+    ours = lambda: (weak_augment(x_l, gen, cfg.hflip), strong_augment(weak_augment(x_u, gen, cfg.hflip), gen))
+    pipe = pil_pipeline(S, C, cfg.hflip)
+    pil = [Image.fromarray(im.squeeze(0).numpy() if C == 1 else im.permute(1, 2, 0).numpy()) for im in x[:256]]
+    reference = lambda: [pipe(im) for im in pil]
+    torch.set_num_threads(1)  # per core: one of our threads against one DataLoader worker
+    ours_1, ref_1 = uB / seconds_per_call(ours, device), len(pil) / seconds_per_call(reference, device)
+    torch.set_num_threads(threads)
+    ours_n = uB / seconds_per_call(ours, device)
+    print(f"augmentation, 1 thread each: ours {ours_1:,.0f} (weak, strong) pairs/s (+ {B} labeled weak per {uB}), "
+          f"PIL reference {ref_1:,.0f} pairs/s   {ours_1 / ref_1:.1f}x")
+    print(f"augmentation, {threads} threads: ours {ours_n:,.0f} pairs/s; reference with {threads} perfectly scaling "
+          f"workers {ref_1 * threads:,.0f} pairs/s   {ours_n / (ref_1 * threads):.1f}x")
+
+    data = dict(train_x=x, train_y=y, test_x=x[:256], test_y=y[:256])
+    k = 3 if device.type == "cpu" else 50  # timed steps after one warm-up step
+    plain = dict(amp=False, channels_last=False, compile=False)
+    speed = {}
+    for name, overrides in (("ours", {}), ("plain NCHW fp32", plain)):
+        with tempfile.TemporaryDirectory() as out:
+            run = dataclasses.replace(cfg, dataset="bench", labels=10, steps=k + 1, eval_every=k + 1, out=out,
+                                      overwrite=True, resume=False, **overrides)
+            speed[name] = train(run, data)["steps_per_second"]
+    for name, sps in speed.items():
+        print(f"training step ({name}): {sps:.3f} steps/s, {sps * (B + 2 * uB):,.0f} images/s")
+    print(f"training step, ours vs plain NCHW fp32: {speed['ours'] / speed['plain NCHW fp32']:.2f}x")
 
 
 # ---------------------------------------------------------------------------------------------
