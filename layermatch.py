@@ -49,10 +49,8 @@ from tqdm import tqdm
 # ---------------------------------------------------------------------------------------------
 # Config
 
-
 def arg(default, help, **kw):
     return field(default=default, metadata=dict(help=help, **kw))
-
 
 @dataclass
 class Config:
@@ -91,7 +89,6 @@ class Config:
     compile: bool = arg(False, "torch.compile the model")
     bench: bool = arg(False, "print throughput figures against reference pipelines and exit")
 
-
 DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
     "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False), "stl10": dict(),
     "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False),
@@ -104,10 +101,8 @@ ALGORITHM_DEFAULTS = {
 }
 IDENTITY = ("dataset", "labels", "seed", "algorithm")  # a resumed run must agree on these
 
-
 class UserError(Exception):
     """A mistake in the input: reported as one line, no traceback."""
-
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; the checkpoint has been written."""
@@ -116,11 +111,9 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved, continue with --resume")
         self.signum = signum
 
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         raise UserError(f"{message} (see --help)")
-
 
 def parse_args(argv=None) -> Config:
     p = Parser(description="LayerMatch / FixMatch semi-supervised training (arXiv 2406.14207).",
@@ -133,7 +126,6 @@ def parse_args(argv=None) -> Config:
         else:
             p.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), **meta)
     return Config(**vars(p.parse_args(argv)))
-
 
 def resolve(cfg: Config, user_data: bool) -> Config:
     """Fill the None fields from the dataset and algorithm tables and check every value."""
@@ -148,7 +140,8 @@ def resolve(cfg: Config, user_data: bool) -> Config:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     checks = [(0 < cfg.threshold <= 1, "--threshold must be in (0, 1]"), (cfg.lr > 0, "--lr must be positive"),
-              (0 <= cfg.ema < 1, "--ema must be in [0, 1)"), (0 <= cfg.ac_momentum < 1, "--ac-momentum must be in [0, 1)"),
+              (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
+              (0 <= cfg.ac_momentum < 1, "--ac-momentum must be in [0, 1)"),
               (cfg.weight_decay >= 0 and cfg.lambda_u >= 0 and cfg.lambda_ac >= 0, "weights and decays must be >= 0"),
               (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0, "--depth must be 6n+4 with n >= 1 (e.g. 28)"),
               (cfg.stop_at >= 0, "--stop-at must be >= 0"), (not (cfg.resume and cfg.overwrite),
@@ -158,17 +151,15 @@ def resolve(cfg: Config, user_data: bool) -> Config:
             raise UserError(message)
     return cfg
 
-
 # ---------------------------------------------------------------------------------------------
 # Data: whole datasets as uint8 tensors [N, C, H, W]; labels int64.
 
-DOWNLOAD_HINTS = {
-    "cifar10": "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ (https://www.cs.toronto.edu/~kriz/cifar.html)",
-    "cifar100": "cifar-100-python.tar.gz or its extracted cifar-100-python/ (https://www.cs.toronto.edu/~kriz/cifar.html)",
+DOWNLOAD_HINTS = {  # what torchvision looks for in --data-dir
+    "cifar10": "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ (www.cs.toronto.edu/~kriz/cifar.html)",
+    "cifar100": "cifar-100-python.tar.gz or its extracted cifar-100-python/ (www.cs.toronto.edu/~kriz/cifar.html)",
     "svhn": "train_32x32.mat and test_32x32.mat (http://ufldl.stanford.edu/housenumbers/)",
     "stl10": "stl10_binary.tar.gz or its extracted stl10_binary/ (https://cs.stanford.edu/~acoates/stl10/)",
 }
-
 
 def load_digits():
     """scikit-learn's bundled 8x8 digits (1797 images, no download): a fixed 1297/500 train/test split."""
@@ -179,7 +170,6 @@ def load_digits():
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # same split for every --seed
     train, test = perm[:1297], perm[1297:]
     return dict(train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test])
-
 
 def load_data(cfg: Config) -> dict:
     """Returns dict(train_x, train_y, test_x, test_y, unlabeled_x or None); downloads if needed."""
@@ -194,7 +184,8 @@ def load_data(cfg: Config) -> dict:
             tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
             return dict(train_x=nhwc(tr.data), train_y=torch.tensor(tr.targets), test_x=nhwc(te.data),
                         test_y=torch.tensor(te.targets), unlabeled_x=None)
-        cls, splits = (D.SVHN, ("train", "test")) if cfg.dataset == "svhn" else (D.STL10, ("train", "test", "unlabeled"))
+        svhn = cfg.dataset == "svhn"
+        cls, splits = (D.SVHN, ("train", "test")) if svhn else (D.STL10, ("train", "test", "unlabeled"))
         sets = [cls(root, split=s, download=True) for s in splits]
         return dict(train_x=torch.from_numpy(sets[0].data), train_y=torch.from_numpy(sets[0].labels).long(),
                     test_x=torch.from_numpy(sets[1].data), test_y=torch.from_numpy(sets[1].labels).long(),
@@ -203,7 +194,6 @@ def load_data(cfg: Config) -> dict:
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
         raise UserError(f"could not load {cfg.dataset} from '{root}' ({reason}). Without internet, put "
                         f"{DOWNLOAD_HINTS[cfg.dataset]} into '{root}' or pass --data-dir") from None
-
 
 def check_data(data: dict):
     """Validate user-supplied tensors so that mistakes are one clear line, not a shape error at step 1."""
@@ -215,10 +205,9 @@ def check_data(data: dict):
             raise UserError(f"data['{split}_y'] must be an int64 tensor [N] matching data['{split}_x']")
     u, shape = data.get("unlabeled_x"), data["train_x"].shape[1:]
     if data["test_x"].shape[1:] != shape or (u is not None and (u.dtype != torch.uint8 or u.shape[1:] != shape)):
-        raise UserError(f"all image tensors must be uint8 with the train images' shape [N, {', '.join(map(str, shape))}]")
+        raise UserError(f"all image tensors must be uint8 of the train images' shape [N, {', '.join(map(str, shape))}]")
     if data["train_y"].min() < 0:
         raise UserError("labels must be 0..num_classes-1")
-
 
 def labeled_subset(y: torch.Tensor, n_labels: int, num_classes: int, seed: int) -> torch.Tensor:
     """Indices of a class-balanced labeled subset: n_labels / num_classes images of every class."""
@@ -232,17 +221,14 @@ def labeled_subset(y: torch.Tensor, n_labels: int, num_classes: int, seed: int) 
     picks = [(y == k).nonzero().squeeze(1) for k in range(num_classes)]
     return torch.cat([idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in picks])
 
-
 # ---------------------------------------------------------------------------------------------
 # Augmentation: batched, on the device, per-image random parameters; uint8 in, uint8 out.
-
 
 def reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     """Map any integer coordinate into [0, n) by mirroring at the borders (numpy 'reflect' padding)."""
     period = 2 * (n - 1)
     i = i.remainder(period)
     return torch.where(i >= n, period - i, i)
-
 
 def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
     """Random translation by up to 12.5% of the side with reflect padding, then a random horizontal flip.
@@ -258,15 +244,12 @@ def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Te
     pixel = (rows[:, :, None] * W + cols[:, None, :]).view(N, 1, H * W).expand(N, C, H * W)
     return x.flatten(2).gather(2, pixel).view(N, C, H, W)
 
-
 def blend(x, degenerate, factor):
     """PIL ImageEnhance: degenerate + factor * (x - degenerate), per-image factor."""
     return torch.lerp(degenerate, x.float(), factor.view(-1, 1, 1, 1)).round_().clamp_(0, 255).to(torch.uint8)
 
-
 def grayscale(x):
     return x.float() if x.shape[1] == 1 else TF.rgb_to_grayscale(x.float())  # ITU-R 601-2 luma, like PIL
-
 
 def sharpen_degenerate(x):
     """PIL's SMOOTH filter (3x3, centre weight 5, sum 13) inside, original pixels on the border."""
@@ -277,10 +260,8 @@ def sharpen_degenerate(x):
     interior = F.pad(torch.ones_like(smooth[:1, :1], dtype=torch.bool), (1, 1, 1, 1))
     return F.pad(smooth, (1, 1, 1, 1)).where(interior, xf)
 
-
 def enhance_factor(level):
     return 0.1 + 1.8 * level / 10
-
 
 def affine(x, level, sign, op):
     """Rotate / ShearX / ShearY / TranslateX / TranslateY, one grid_sample with a per-image matrix.
@@ -305,7 +286,6 @@ def affine(x, level, sign, op):
     out = F.grid_sample(x.float() - 128, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return (out + 128).round_().clamp_(0, 255).to(torch.uint8)
 
-
 # The 14 RandAugment ops of FixMatch's "RA" variant; (x uint8 [n,C,H,W], level [n] in 1..9, sign [n] +-1).
 COLOR_OPS = {
     1: lambda x, L, s: TF.autocontrast(x),
@@ -314,11 +294,10 @@ COLOR_OPS = {
     4: lambda x, L, s: blend(x, grayscale(x), enhance_factor(L)),  # Color
     5: lambda x, L, s: blend(x, grayscale(x).mean((1, 2, 3), keepdim=True).round(), enhance_factor(L)),  # Contrast
     6: lambda x, L, s: blend(x, sharpen_degenerate(x), enhance_factor(L)),  # Sharpness
-    12: lambda x, L, s: x & (0xFF << (8 - (4 - (0.4 * L).floor().int()))).to(torch.uint8).view(-1, 1, 1, 1),  # Posterize
+    12: lambda x, L, s: x & (0xFF << (4 + (0.4 * L).floor().int())).to(torch.uint8).view(-1, 1, 1, 1),  # Posterize
     13: lambda x, L, s: torch.where(x >= (256 - (25.6 * L).floor()).view(-1, 1, 1, 1), 255 - x, x),  # Solarize
 }
 GEOMETRIC_OPS = (7, 8, 9, 10, 11)  # Rotate, ShearX, ShearY, TranslateX, TranslateY; 0 is Identity
-
 
 def apply_to(x, chosen, op, *params):
     """x with op applied to the images where `chosen`. On the CPU only those images are computed; on an
@@ -330,7 +309,6 @@ def apply_to(x, chosen, op, *params):
     if len(idx):
         x[idx] = op(x[idx], *(p[idx] for p in params))
     return x
-
 
 def strong_augment(x: torch.Tensor, gen: torch.Generator, n_ops: int = 2) -> torch.Tensor:
     """RandAugment (FixMatch RA) + Cutout on weakly augmented uint8 images. Each image draws n_ops ops
@@ -352,10 +330,8 @@ def strong_augment(x: torch.Tensor, gen: torch.Generator, n_ops: int = 2) -> tor
     hole = ((rows - cy).abs() * 2 < H / 2 + 0.5) & ((cols - cx).abs() * 2 < W / 2 + 0.5)  # [N, H, W]
     return x.masked_fill(hole[:, None], 128)
 
-
 # ---------------------------------------------------------------------------------------------
 # Network: pre-activation WideResNet as in the FixMatch ports, features() and fc kept apart.
-
 
 class Block(nn.Module):
     def __init__(self, c_in, c_out, stride, activate_before_residual=False):
@@ -370,7 +346,6 @@ class Block(nn.Module):
         out = self.conv2(F.leaky_relu(self.bn2(self.conv1(a)), 0.1))
         residual = a if self.activate_before_residual else x  # only the very first block
         return out + (residual if self.shortcut is None else self.shortcut(residual))
-
 
 class WideResNet(nn.Module):
     def __init__(self, num_classes, depth=28, widen=2, in_channels=3):
@@ -395,16 +370,13 @@ class WideResNet(nn.Module):
         f = self.features(x)
         return self.fc(f), f
 
-
 # ---------------------------------------------------------------------------------------------
 # Losses: FixMatch, Grad-ReLU, Avg-Clustering (our reading of arXiv 2406.14207, README section 3)
-
 
 def pseudo_label(z_weak: torch.Tensor, tau: float):
     """FixMatch: hard pseudo-label y_hat = argmax p(weak view), kept where max p >= tau (mask m)."""
     p_max, y_hat = z_weak.detach().float().softmax(1).max(1)
     return y_hat, (p_max >= tau).float()
-
 
 class GradReLULinear(torch.autograd.Function):
     """z = f W^T + b. Backward: the features get the full gradient g W, but the head only the
@@ -422,7 +394,6 @@ class GradReLULinear(torch.autograd.Function):
         return ((g @ weight.to(g.dtype)).to(f.dtype), (g_head.t() @ f.float()).to(weight.dtype),
                 g_head.sum(0).to(weight.dtype))
 
-
 def grad_relu_logits(f: torch.Tensor, fc: nn.Linear, mode: str) -> torch.Tensor:
     """Head logits for the pseudo-label loss. Grad-ReLU "removes the gradient detrimental effects of
     pseudo-labels in the linear classification layer" (abstract): with `zero` the head's parameters are
@@ -433,19 +404,16 @@ def grad_relu_logits(f: torch.Tensor, fc: nn.Linear, mode: str) -> torch.Tensor:
         return GradReLULinear.apply(f, fc.weight, fc.bias)
     return fc(f)  # off: plain FixMatch
 
-
 def consistent(mask, z_strong, y_hat):
     """Avg-Clustering contributors among unlabeled samples: confident (m = 1) and consistent, i.e. the
     strong view's prediction agrees with the pseudo-label. Labeled samples always contribute."""
     return mask * (z_strong.argmax(1) == y_hat)
-
 
 def cluster_sums(f, y, weight, num_classes):
     """Per-class sum of unit-normalised features and per-class contributor counts (weight in {0, 1})."""
     f = F.normalize(f.detach().float(), dim=1) * weight[:, None]
     sums = torch.zeros(num_classes, f.shape[1], device=f.device).index_add_(0, y, f)
     return sums, torch.zeros(num_classes, device=f.device).index_add_(0, y, weight.float())
-
 
 def avg_clustering_update(centres, seen, sums, counts, alpha):
     """Avg-Clustering centres: c_k <- normalize(alpha c_k + (1 - alpha) mean_k) for classes with
@@ -455,12 +423,10 @@ def avg_clustering_update(centres, seen, sums, counts, alpha):
     new = F.normalize(torch.where(seen[:, None], alpha * centres + (1 - alpha) * mean, mean), dim=1)
     return torch.where(has[:, None], new, centres), seen | has
 
-
 def avg_clustering_loss(f_strong, centres, seen, y_hat, mask):
     """L_ac = (1/muB) sum m (1 - cos(f_strong, c_yhat)); centres are constants, so only features learn."""
     cos = F.cosine_similarity(f_strong.float(), centres[y_hat], dim=1)
     return (mask * seen[y_hat] * (1 - cos)).mean()
-
 
 def layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, lambda_u, lambda_ac):
     """L = L_s + lambda_u L_u + lambda_ac L_ac. z_s must come from grad_relu_logits(f_s, ...)."""
@@ -472,10 +438,8 @@ def layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, lambda_u, lamb
     loss = L_s + lambda_u * L_u + lambda_ac * L_ac
     return loss, dict(L_s=L_s.detach(), L_u=L_u.detach(), L_ac=L_ac.detach())
 
-
 # ---------------------------------------------------------------------------------------------
 # EMA, schedule, evaluation
-
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float):
@@ -483,21 +447,18 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
     torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
 
-
 def learning_rate(cfg, step):
     return cfg.lr * math.cos(7 * math.pi * step / (16 * cfg.steps))
-
 
 @torch.no_grad()
 def evaluate(model, x, y, normalize, batch=1024) -> float:
     model.eval()  # only ever called on the EMA copy; the training model stays in train mode
-    correct = sum((model(normalize(x[i:i + batch]))[0].argmax(1) == y[i:i + batch]).sum() for i in range(0, len(x), batch))
+    correct = sum((model(normalize(x[i:i + batch]))[0].argmax(1) == y[i:i + batch]).sum()
+                  for i in range(0, len(x), batch))
     return correct.item() / len(x)
-
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: one dict, written atomically so that a kill at any moment leaves the last one loadable
-
 
 def atomic_write(path, write):
     tmp = f"{path}.tmp"
@@ -507,10 +468,8 @@ def atomic_write(path, write):
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
-
 def write_text(path, text):
     atomic_write(path, lambda fh: fh.write(text.encode()))
-
 
 def load_checkpoint(path):
     try:
@@ -518,7 +477,6 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
                         "it was left untouched: move it away or start again with --overwrite") from None
-
 
 def prepare_out(cfg: Config):
     """The output folder: never silently reused or clobbered."""
@@ -536,8 +494,8 @@ def prepare_out(cfg: Config):
     except OSError as e:
         raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
 
-
-def check_resumable(cfg: Config, saved: dict, world: int):
+def check_resumable(cfg: Config, saved: dict):
+    """A resumed run must be the same experiment; other changed settings are allowed but reported."""
     for k in IDENTITY:
         if saved[k] != getattr(cfg, k):
             raise UserError(f"cannot resume: the checkpoint has --{k} {saved[k]}, this command --{k} {getattr(cfg, k)}")
@@ -546,10 +504,8 @@ def check_resumable(cfg: Config, saved: dict, world: int):
     if changed:
         print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
 
-
 # ---------------------------------------------------------------------------------------------
 # Devices and processes
-
 
 def pick_device(name: str, local_rank: int) -> torch.device:
     available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
@@ -561,25 +517,23 @@ def pick_device(name: str, local_rank: int) -> torch.device:
         raise UserError(f"--device {name} is not available on this machine (try --device cpu)")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
-
 def setup_processes(cfg: Config):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
-    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    world, rank, local_rank = (int(os.environ.get(k, 0)) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+    world = max(world, 1)
     device = pick_device(cfg.device, local_rank)
     if world > 1:
         if cfg.batch_size % world:
-            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the {world} processes")
+            raise UserError(f"--batch-size {cfg.batch_size} is global and must divide by the {world} processes")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
-
 def all_reduce(*tensors):
     if dist.is_initialized():
         for t in tensors:
             dist.all_reduce(t)
-
 
 def rank_spread(tensors) -> float:
     """Largest difference of these tensors between processes (0.0 means all ranks agree)."""
@@ -589,13 +543,11 @@ def rank_spread(tensors) -> float:
     dist.all_reduce(lo, dist.ReduceOp.MIN)
     return (hi - lo).max().item()
 
-
 # ---------------------------------------------------------------------------------------------
 # Training
 
 STATS = ("loss", "L_s", "L_u", "L_ac", "mask", "pl_correct", "pl_known", "steps")  # summed on the device
 LOG_EVERY = 16  # steps between host reads of those sums: the only synchronisation in the loop
-
 
 def train(cfg: Config, data: dict | None = None) -> dict:
     """Train, evaluate and checkpoint one run; returns the summary (also written to summary.json)."""
@@ -653,9 +605,9 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     path = os.path.join(cfg.out, "checkpoint.pt")
     if cfg.resume:
         ck = load_checkpoint(path)
-        check_resumable(cfg, ck["config"], world)
+        check_resumable(cfg, ck["config"])
         if len(ck["generators"]) != world:
-            raise UserError(f"cannot resume: the checkpoint was written by {len(ck['generators'])} processes, this run has {world}")
+            raise UserError(f"cannot resume: the checkpoint is from {len(ck['generators'])} processes, this has {world}")
         net.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
@@ -713,7 +665,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                     if cfg.lambda_ac:  # Avg-Clustering: labeled + confident-and-consistent unlabeled
                         with torch.no_grad():
                             weight = torch.cat([torch.ones_like(mask[:B]), consistent(mask, z_s_plain, y_hat)])
-                            sums, counts = cluster_sums(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight, num_classes)
+                            sums, counts = cluster_sums(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight,
+                                                        num_classes)
                             all_reduce(sums, counts)  # identical centres on every rank
                             centres, seen = avg_clustering_update(centres, seen, sums, counts, cfg.ac_momentum)
                     z_s = grad_relu_logits(f_s, net.fc, cfg.grad_relu)
@@ -750,10 +703,11 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                                 f"(step {history[-1]['step'] if history else 'none'}) is intact")
             s = dict(zip(STATS, stats.tolist()))
             n = max(s["steps"], 1)
-            row = dict(step=step, lr=learning_rate(cfg, step - 1), **{k: s[k] / n for k in ("loss", "L_s", "L_u", "L_ac")},
+            row = dict(step=step, lr=learning_rate(cfg, step - 1), **{k: s[k] / n for k in STATS[:4]},
                        mask_rate=s["mask"] / n, pl_acc=s["pl_correct"] / max(s["pl_known"], 1))
             now = time.time()
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} | {"img/s": f"{(step - tick_step) * (B + 2 * uB * semi) * world / (now - tick):.0f}"})
+            images_per_s = (step - tick_step) * (B + 2 * uB * semi) * world / (now - tick)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} | {"img/s": f"{images_per_s:.0f}"})
             bar.update(step - bar.n)
             tick, tick_step = now, step
             if evaluating:
@@ -764,8 +718,9 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                 save_checkpoint()
                 accs = [h["test_acc"] for h in history]
                 if rank == 0:
-                    bar.write(f"step {step:>7} | test acc {row['test_acc']:.2%} | median(last 20) "
-                              f"{statistics.median(accs[-20:]):.2%} | best {max(accs):.2%} | mask {row['mask_rate']:.2f}")
+                    median = statistics.median(accs[-20:])
+                    bar.write(f"step {step:>7} | test acc {row['test_acc']:.2%} | median(last 20) {median:.2%} | "
+                              f"best {max(accs):.2%} | mask {row['mask_rate']:.2f}")
                 busy += time.time()
             if stopping:
                 save_checkpoint()
@@ -799,10 +754,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
               f"best {summary['test_acc_best']:.2%}, final {summary['test_acc_final']:.2%} -> {cfg.out}")
     return summary
 
-
 # ---------------------------------------------------------------------------------------------
 # Benchmark (--bench): our throughput next to reference pipelines, measured side by side in one run
-
 
 def pil_pipeline(side, channels, hflip):
     """The reference: the same recipe per image on PIL, as the classic implementations run it in DataLoader
@@ -818,7 +771,8 @@ def pil_pipeline(side, channels, hflip):
            enhance(ImageEnhance.Sharpness), lambda im, L: im.rotate(3 * pm(L), fillcolor=gray),
            warp(lambda L: (1, 0.03 * pm(L), 0, 0, 1, 0)), warp(lambda L: (1, 0, 0, 0.03 * pm(L), 1, 0)),
            warp(lambda L: (1, 0, pm(L) * side / 32, 0, 1, 0)), warp(lambda L: (1, 0, 0, 0, 1, pm(L) * side / 32)),
-           lambda im, L: ImageOps.posterize(im, 4 - int(0.4 * L)), lambda im, L: ImageOps.solarize(im, 256 - int(25.6 * L))]
+           lambda im, L: ImageOps.posterize(im, 4 - int(0.4 * L)),
+           lambda im, L: ImageOps.solarize(im, 256 - int(25.6 * L))]
 
     def strong(im):
         for op in random.choices(ops, k=2):
@@ -830,7 +784,6 @@ def pil_pipeline(side, channels, hflip):
     tensor = T.Compose([T.ToTensor(), T.Normalize([0.5] * channels, [0.25] * channels)])
     return lambda im: (tensor(weak(im)), tensor(strong(weak(im))))
 
-
 def seconds_per_call(fn, device, min_seconds=2.0):
     fn()  # warm-up
     calls, start = 0, time.time()
@@ -840,7 +793,6 @@ def seconds_per_call(fn, device, min_seconds=2.0):
         if device.type == "cuda":
             torch.cuda.synchronize()
     return (time.time() - start) / calls
-
 
 def bench(cfg: Config):
     """Figures for this device and config on synthetic uint8 data of the dataset's shape."""
@@ -882,10 +834,8 @@ def bench(cfg: Config):
         print(f"training step ({name}): {sps:.3f} steps/s, {sps * (B + 2 * uB):,.0f} images/s")
     print(f"training step, ours vs plain NCHW fp32: {speed['ours'] / speed['plain NCHW fp32']:.2f}x")
 
-
 # ---------------------------------------------------------------------------------------------
 # main
-
 
 def main(argv=None):
     try:
@@ -898,7 +848,6 @@ def main(argv=None):
     except Interrupted as e:
         print(f"layermatch.py: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
-
 
 if __name__ == "__main__":
     main()
