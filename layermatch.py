@@ -558,15 +558,14 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if rank == 0:  # rank 0 checks the folder and downloads while the others wait
-        prepare_out(cfg)
-    elif world > 1:
-        dist.barrier()
-    if data is None:
-        data = load_data(cfg)
+    if rank > 0:
+        dist.barrier()  # rank 0 downloads and prepares the output folder first
+    data = load_data(cfg) if data is None else data
     check_data(data)
-    if rank == 0 and world > 1:
-        dist.barrier()
+    if rank == 0:
+        prepare_out(cfg)  # after the data, so that a failed download leaves no folder behind
+        if world > 1:
+            dist.barrier()
 
     # ---- data on the device
     num_classes = int(data["train_y"].max()) + 1

@@ -310,6 +310,7 @@ def test_offline_download_fails_with_one_line(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "cifar-10-batches-py" in lines[0] and str(tmp_path / "data") in lines[0], r.stderr
+    assert not os.path.exists(tmp_path / "run")  # nothing left behind that would block the next attempt
 
 
 def test_layermatch_beats_supervised_on_digits(tmp_path):
