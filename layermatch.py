@@ -631,10 +631,14 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             writer.writerows(history)
             write_text(os.path.join(cfg.out, "metrics.csv"), text.getvalue())
 
-    stop = []  # signals received; acted on at the next log step, when all ranks agree
+    stop = []  # signals received: checkpoint and exit at the next step (with several processes: log step)
+
+    def on_signal(signum, _):
+        stop.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once; the last checkpoint is intact
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers only work there
-        handlers = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     # ---- the loop
     B, uB = cfg.batch_size // world, cfg.uratio * cfg.batch_size // world  # this process's share
@@ -691,7 +695,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                                     pseudo, torch.ones(1, device=device)])
 
             evaluating = step % cfg.eval_every == 0 or step == cfg.steps
-            if step % LOG_EVERY and not evaluating and step != cfg.stop_at:
+            if step % LOG_EVERY and not evaluating and step != cfg.stop_at and not (stop and world == 1):
                 continue
             flags = torch.stack([bad_step.float(), torch.tensor(float(bool(stop)), device=device)])
             if world > 1:
