@@ -129,19 +129,29 @@ def test_avg_clustering_first_update_then_momentum():
 
 def test_avg_clustering_loss_trains_features_only():
     f = torch.randn(5, 4, requires_grad=True)
-    centres = F.normalize(torch.randn(3, 4), dim=1).requires_grad_()
     y_hat, mask = torch.tensor([0, 1, 2, 1, 0]), torch.tensor([1.0, 0, 1, 1, 0])
+    # centres come out of the update detached, even from features that require grad
+    sums, counts = lm.cluster_sums(f, y_hat, torch.ones(5), 3)
+    centres, _ = lm.avg_clustering_update(torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool), sums, counts, 0.9)
+    assert not centres.requires_grad
     seen = torch.tensor([True, True, False])
     loss = lm.avg_clustering_loss(f, centres, seen, y_hat, mask)
     expected = (mask * seen[y_hat] * (1 - F.cosine_similarity(f, centres[y_hat], dim=1))).sum() / 5
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert f.grad[[1, 2, 4]].abs().sum() == 0 and f.grad[[0, 3]].abs().sum() > 0  # unmasked or unseen: no pull
-    # inside train() centres are a buffer without grad, so nothing flows back; the head is not involved at all
+    # in the total loss, L_ac adds nothing to the head's gradient
     fc = nn.Linear(4, 3)
-    _, stats = lm.layermatch_loss(fc(f[:2]), torch.tensor([0, 1]), lm.grad_relu_logits(f, fc, "zero"), y_hat, mask,
-                                  f, centres.detach(), seen, 0.0, 1.0)
+
+    def head_grad(lambda_ac):
+        fc.zero_grad()
+        loss, stats = lm.layermatch_loss(fc(f[:2].detach()), torch.tensor([0, 1]), lm.grad_relu_logits(f, fc, "zero"),
+                                         y_hat, mask, f, centres, seen, 1.0, lambda_ac)
+        loss.backward()
+        return fc.weight.grad.clone(), stats
+    (without, _), (with_ac, stats) = head_grad(0.0), head_grad(5.0)
     assert stats["L_ac"] > 0
+    torch.testing.assert_close(with_ac, without)
 
 
 # ---------------------------------------------------------------------------------------------
