@@ -163,7 +163,10 @@ DOWNLOAD_HINTS = {  # what torchvision looks for in --data-dir
 
 def load_digits():
     """scikit-learn's bundled 8x8 digits (1797 images, no download): a fixed 1297/500 train/test split."""
-    from sklearn.datasets import load_digits as sklearn_digits
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise UserError("the digits demo needs scikit-learn: pip install scikit-learn") from None
     d = sklearn_digits()
     x = torch.from_numpy(d.images * (255 / 16)).round().to(torch.uint8)[:, None]  # [1797, 1, 8, 8]
     y = torch.from_numpy(d.target).long()
