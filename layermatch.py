@@ -73,7 +73,7 @@ class Config:
     lambda_u: float = arg(1.0, "weight of the unsupervised (pseudo-label) loss")
     lr: float = arg(0.03, "SGD learning rate, cosine-decayed as lr*cos(7*pi*k/(16*K))")
     weight_decay: float | None = arg(None, "L2 on conv/linear weights (default 5e-4; cifar100 1e-3)")
-    ema: float = arg(0.999, "decay of the weight EMA used for evaluation")
+    ema: float | None = arg(None, "decay of the weight EMA used for evaluation (default 0.999; digits 0.99)")
     eval_every: int | None = arg(None, "steps between evaluations and checkpoints (default 1024; digits 25)")
     depth: int = arg(28, "WideResNet depth (6n+4)")
     widen: int | None = arg(None, "WideResNet widening factor (default 2; cifar100 8)")
@@ -91,9 +91,9 @@ class Config:
 
 DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
     "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False), "stl10": dict(),
-    "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False),
+    "digits": dict(steps=1500, batch_size=16, eval_every=25, ema=0.99, hflip=False),  # EMA horizon ~100 steps
 }
-BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, weight_decay=5e-4, hflip=True)
+BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, weight_decay=5e-4, ema=0.999, hflip=True)
 ALGORITHM_DEFAULTS = {
     "layermatch": dict(grad_relu="zero", lambda_ac=1.0),
     "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
