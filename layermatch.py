@@ -237,8 +237,9 @@ def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Te
     """Random translation by up to 12.5% of the side with reflect padding, then a random horizontal flip.
     Both are one gather: every output pixel reads a (mirrored, shifted) input pixel."""
     N, C, H, W = x.shape
-    dev, s = x.device, round(0.125 * H)
-    dy, dx = (torch.randint(-s, s + 1, (2, N, 1), device=dev, generator=gen))
+    dev, sy, sx = x.device, round(0.125 * H), round(0.125 * W)
+    dy = torch.randint(-sy, sy + 1, (N, 1), device=dev, generator=gen)
+    dx = torch.randint(-sx, sx + 1, (N, 1), device=dev, generator=gen)
     rows = reflect(torch.arange(H, device=dev) + dy, H)  # [N, H]
     cols = reflect(torch.arange(W, device=dev) + dx, W)  # [N, W]
     flip = torch.rand(N, 1, device=dev, generator=gen) < 0.5
@@ -272,12 +273,12 @@ def affine(x, level, sign, op):
     Nearest-neighbour sampling and mid-gray fill, like PIL's defaults in FixMatch's RandAugment."""
     N, C, H, W = x.shape
     v = (sign * level).float()
-    angle, shear, shift = torch.deg2rad(3 * v), 0.03 * v, v * W / 32
+    angle, shear, shift_x, shift_y = torch.deg2rad(3 * v), 0.03 * v, v * W / 32, v * H / 32
     one, zero = torch.ones_like(v), torch.zeros_like(v)
     A = {  # per op: 2x3 matrix in pixel units about the image centre
         7: [[angle.cos(), -angle.sin(), zero], [angle.sin(), angle.cos(), zero]],
         8: [[one, shear, zero], [zero, one, zero]], 9: [[one, zero, zero], [shear, one, zero]],
-        10: [[one, zero, shift], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, shift]],
+        10: [[one, zero, shift_x], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, shift_y]],
     }
     mats = torch.stack([torch.stack([torch.stack(r, -1) for r in A[k]], -2) for k in A])  # [5, N, 2, 3]
     theta = mats.gather(0, (op - 7).view(1, N, 1, 1).expand(1, N, 2, 3))[0].clone()
@@ -315,8 +316,7 @@ def apply_to(x, chosen, op, *params):
 
 def strong_augment(x: torch.Tensor, gen: torch.Generator, n_ops: int = 2) -> torch.Tensor:
     """RandAugment (FixMatch RA) + Cutout on weakly augmented uint8 images. Each image draws n_ops ops
-    uniformly with replacement from 14, applies each with probability 0.5 at a level uniform in 1..9,
-    then gets a gray Cutout square of half its side."""
+    uniformly with replacement from 14 and applies each with probability 0.5 at a level uniform in 1..9."""
     N, C, H, W = x.shape
     dev, x = x.device, x.clone()
     for _ in range(n_ops):
@@ -327,10 +327,16 @@ def strong_augment(x: torch.Tensor, gen: torch.Generator, n_ops: int = 2) -> tor
         x = apply_to(x, (op >= 7) & (op <= 11), affine, level, sign, op)
         for k, fn in COLOR_OPS.items():
             x = apply_to(x, op == k, fn, level, sign)
-    cy = (torch.rand(N, 1, 1, device=dev, generator=gen) * H).floor()
-    cx = (torch.rand(N, 1, 1, device=dev, generator=gen) * W).floor()
+    return cutout(x, gen)
+
+def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A mid-gray square of half the image side around a uniform random centre, clipped at the border."""
+    N, C, H, W = x.shape
+    dev, h, w = x.device, H // 2, W // 2
+    top = (torch.rand(N, 1, 1, device=dev, generator=gen) * H).floor() - h // 2
+    left = (torch.rand(N, 1, 1, device=dev, generator=gen) * W).floor() - w // 2
     rows, cols = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
-    hole = ((rows - cy).abs() * 2 < H / 2 + 0.5) & ((cols - cx).abs() * 2 < W / 2 + 0.5)  # [N, H, W]
+    hole = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # [N, H, W]
     return x.masked_fill(hole[:, None], 128)
 
 # ---------------------------------------------------------------------------------------------

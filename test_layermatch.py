@@ -198,9 +198,16 @@ def test_strong_augment_shape_range_per_image_and_seeded():
     # the same image repeated gets different ops
     same = lm.strong_augment(x[:1].repeat(32, 1, 1, 1), torch.Generator().manual_seed(0))
     assert len({img.float().sum().item() for img in same}) > 20
-    # every image has a 16x16 cutout square of gray 128 (clipped at the border: at least 8x8)
-    hole = (out == 128).all(1)
-    assert all(hole[i].sum() >= 64 for i in range(len(x)))
+    assert all((out[i] == 128).all(0).sum() >= 64 for i in range(len(x)))  # each has a Cutout hole
+
+
+def test_cutout_is_a_clipped_square_of_half_the_side():
+    x = torch.full((256, 3, 32, 32), 200, dtype=torch.uint8)
+    hole = (lm.cutout(x, torch.Generator().manual_seed(0)) == 128).all(1)  # [N, H, W]
+    rows, cols, area = hole.any(2).sum(1), hole.any(1).sum(1), hole.sum((1, 2))
+    assert torch.equal(area, rows * cols)  # one rectangle
+    assert rows.max() == cols.max() == 16 and rows.min() == cols.min() == 8  # clipped at the border
+    assert 0.2 < (area == 256).float().mean() < 0.36  # whole squares need the centre in [8, 24]^2: p = (17/32)^2
 
 
 @pytest.mark.parametrize("op", sorted(lm.COLOR_OPS) + [7, 8, 9, 10, 11])
