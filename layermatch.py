@@ -565,8 +565,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     cuda = device.type == "cuda"
     cfg = dataclasses.replace(cfg, amp=cuda if cfg.amp is None else cfg.amp)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = cuda
     if rank > 0:
         dist.barrier()  # rank 0 downloads and prepares the output folder first
     data = load_data(cfg) if data is None else data
@@ -592,7 +591,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     # ---- model, EMA, optimizer (no weight decay on BatchNorm parameters and biases)
     torch.manual_seed(cfg.seed)  # same initialisation on every rank
     net = WideResNet(num_classes, cfg.depth, cfg.widen, train_x.shape[1])
-    if world > 1 and device.type == "cuda":
+    if world > 1 and cuda:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # BN statistics over the global batch
     net = net.to(device, memory_format=fmt)
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -600,7 +599,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     opt = torch.optim.SGD([dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.weight_decay),
                            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)],
                           lr=cfg.lr, momentum=0.9, nesterov=True,
-                          **(dict(fused=True) if device.type == "cuda" else dict(foreach=True)))
+                          **(dict(fused=True) if cuda else dict(foreach=True)))
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     forward = torch.compile(model) if cfg.compile else model
 
