@@ -622,7 +622,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
         for t, saved in ((centres, ck["centres"]), (seen, ck["seen"]), (stats, ck["stats"])):
             t.copy_(saved)
         step, history, seconds = ck["step"], ck["history"], ck["seconds"]
-    start_step, start_time = step, time.time()
+    start_time = time.time()
 
     def save_checkpoint():
         gens = [gen.get_state()] * world
