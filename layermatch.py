@@ -79,7 +79,7 @@ class Config:
     widen: int | None = arg(None, "WideResNet widening factor (default 2; cifar100 8)")
     hflip: bool | None = arg(None, "random horizontal flip in weak augmentation (default on; off for svhn, digits)")
     # LayerMatch (None = per-algorithm default, see ALGORITHM_DEFAULTS)
-    grad_relu: str | None = arg(None, "pseudo-label gradient into the linear head: zero | relu | off",
+    grad_relu: str | None = arg(None, "pseudo-label gradient into the linear head (layermatch zero, else off)",
                                 choices=["zero", "relu", "off"])
     lambda_ac: float | None = arg(None, "weight of the Avg-Clustering loss (layermatch 1, else 0)")
     ac_momentum: float = arg(0.99, "momentum alpha of the Avg-Clustering class centres")
@@ -116,15 +116,17 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 def parse_args(argv=None) -> Config:
-    p = Parser(description="LayerMatch / FixMatch semi-supervised training (arXiv 2406.14207).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = Parser(description="LayerMatch / FixMatch semi-supervised training (arXiv 2406.14207).", allow_abbrev=False)
     for f in dataclasses.fields(Config):
         kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
         flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        if f.default not in (None, "") and "default" not in meta["help"]:
+            meta["help"] += f" (default: {f.default})"
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **meta)
         else:
-            p.add_argument(flag, type=kind, default=f.default, metavar=kind.__name__.upper(), **meta)
+            metavar = None if "choices" in meta else kind.__name__.upper()
+            p.add_argument(flag, type=kind, default=f.default, metavar=metavar, **meta)
     return Config(**vars(p.parse_args(argv)))
 
 def resolve(cfg: Config, user_data: bool) -> Config:
