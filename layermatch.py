@@ -657,6 +657,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
     tick, tick_step = time.time(), step
     steady_start, steady_step, busy = None, step, 0.0  # throughput clock: after the first step, minus evaluations
+    x_l = x_w = ()  # the last batch, reported per rank in the summary (none if resumed after the end)
     try:
         while step < cfg.steps:
             i_l = labeled[torch.randint(len(labeled), (B,), device=device, generator=gen)]
