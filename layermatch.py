@@ -27,6 +27,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import datetime
 import io
 import json
 import math
@@ -84,7 +85,8 @@ class Config:
     lambda_ac: float | None = arg(None, "weight of the Avg-Clustering loss (layermatch 1, else 0)")
     ac_momentum: float = arg(0.99, "momentum alpha of the Avg-Clustering class centres")
     # speed
-    amp: bool | None = arg(None, "bf16 autocast (default: on for CUDA; try it on CPUs with AVX512-BF16/AMX)")
+    precision: str | None = arg(None, "autocast dtype; fp16 adds a GradScaler (default: bf16 on CUDA GPUs of compute "
+                                "capability >= 8.0, fp16 on older ones, fp32 elsewhere)", choices=["bf16", "fp16", "fp32"])
     channels_last: bool = arg(True, "channels_last memory format (faster convolutions on GPUs and recent CPUs)")
     compile: bool = arg(False, "torch.compile the model")
     bench: bool = arg(False, "print throughput figures against reference pipelines and exit")
@@ -283,7 +285,8 @@ def affine(x, level, sign, op):
         10: [[one, zero, shift_x], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, shift_y]],
     }
     mats = torch.stack([torch.stack([torch.stack(r, -1) for r in A[k]], -2) for k in A])  # [5, N, 2, 3]
-    theta = mats.gather(0, (op - 7).view(1, N, 1, 1).expand(1, N, 2, 3))[0].clone()
+    k = (op - 7).clamp(0, 4)  # on accelerators every image comes here, whatever its op; where() drops the rest
+    theta = mats.gather(0, k.view(1, N, 1, 1).expand(1, N, 2, 3))[0].clone()
     theta[:, 0, 1] *= H / W  # pixels -> grid_sample's [-1, 1] coordinates: D^-1 A D, D = diag(W/2, H/2)
     theta[:, 1, 0] *= W / H
     theta[:, 0, 2] *= 2 / W
@@ -305,11 +308,16 @@ COLOR_OPS = {
 }
 GEOMETRIC_OPS = (7, 8, 9, 10, 11)  # Rotate, ShearX, ShearY, TranslateX, TranslateY; 0 is Identity
 
+_FORCE_ACCELERATOR_PATHS = False  # tests set this to run the CPU through every path that CUDA/MPS take
+
+def accelerator_paths(device: torch.device) -> bool:
+    return device.type != "cpu" or _FORCE_ACCELERATOR_PATHS
+
 def apply_to(x, chosen, op, *params):
     """x with op applied to the images where `chosen`. On the CPU only those images are computed; on an
     accelerator the whole batch is, then selected, so that no data-dependent size forces a host sync.
     Both give identical results because every op is per image."""
-    if x.device.type != "cpu":
+    if accelerator_paths(x.device):
         return torch.where(chosen.view(-1, 1, 1, 1), op(x, *params), x)
     idx = chosen.nonzero().squeeze(1)
     if len(idx):
@@ -458,6 +466,14 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
     torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
 
+def zero_momentum(opt: torch.optim.SGD):
+    """Momentum buffers start at zero, which makes step 1 the same as SGD's own first step (buf = g). Needed:
+    torch's fused SGD allocates them with empty_like and leaves them unwritten when a GradScaler skips
+    step 1 for an overflow, which is usual with fp16; the garbage then diverges the run."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
 def learning_rate(cfg, step):
     return cfg.lr * math.cos(7 * math.pi * step / (16 * cfg.steps))
 
@@ -528,6 +544,14 @@ def pick_device(name: str, local_rank: int) -> torch.device:
         raise UserError(f"--device {name} is not available on this machine (try --device cpu)")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
+def pick_precision(device: torch.device) -> str:
+    """bf16 where the GPU runs it natively (compute capability >= 8.0: A100, RTX 30xx, H100...); fp16 with a
+    GradScaler on older GPUs (T4, V100, RTX 20xx), whose tensor cores run fp16 but emulate bf16 slowly;
+    fp32 on CPUs (bf16 is slow without AVX512-BF16/AMX) and MPS."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+
 def setup_processes(cfg: Config):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
     world, rank, local_rank = (int(os.environ.get(k, 0)) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
@@ -540,6 +564,27 @@ def setup_processes(cfg: Config):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+def rank_zero_first(world: int, rank: int, work):
+    """work(True) on rank 0 (download the data, prepare the output folder), then work(False) on the others.
+    They wait on a gloo group with a day's timeout: the process group's default (10 minutes for NCCL) is
+    shorter than a first STL-10 download. An error on rank 0 stops every rank with its message."""
+    if world == 1:
+        return work(True)
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+    if rank == 0:
+        try:
+            result = work(True)
+        except Exception as e:
+            dist.broadcast_object_list([str(e) or type(e).__name__], src=0, group=group)
+            raise
+        dist.broadcast_object_list([None], src=0, group=group)
+        return result
+    error = [None]
+    dist.broadcast_object_list(error, src=0, group=group)
+    if error[0] is not None:
+        raise UserError(f"stopped because rank 0 failed: {error[0]}")
+    return work(False)
 
 def all_reduce(*tensors):
     if dist.is_initialized():
@@ -565,25 +610,25 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     cfg = resolve(cfg, data is not None)
     rank, world, device = setup_processes(cfg)
     cuda = device.type == "cuda"
-    cfg = dataclasses.replace(cfg, amp=cuda if cfg.amp is None else cfg.amp)
+    cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     torch.backends.cudnn.benchmark = cuda
-    if rank > 0:
-        dist.barrier()  # rank 0 downloads and prepares the output folder first
-    data = load_data(cfg) if data is None else data
-    check_data(data)
-    if rank == 0:
-        prepare_out(cfg)  # after the data, so that a failed download leaves no folder behind
-        if world > 1:
-            dist.barrier()
+
+    def setup(first):
+        d = load_data(cfg) if data is None else data
+        check_data(d)
+        if first:
+            prepare_out(cfg)  # after the data, so that a failed download leaves no folder behind
+        return d
+    data = rank_zero_first(world, rank, setup)
 
     # ---- data on the device
     num_classes = int(data["train_y"].max()) + 1
     labeled = labeled_subset(data["train_y"], cfg.labels, num_classes, cfg.seed).to(device)
-    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
+    extra = data.get("unlabeled_x")  # concatenated on the host: only one copy ever reaches the device
+    unlabeled_x = (data["train_x"] if extra is None else torch.cat([data["train_x"], extra])).to(device)
+    train_x, train_y = unlabeled_x[:len(data["train_x"])], data["train_y"].to(device)  # labeled images included
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
-    extra = data.get("unlabeled_x")
-    unlabeled_x = train_x if extra is None else torch.cat([train_x, extra.to(device)])  # labeled images included
     unlabeled_y = torch.cat([train_y, train_y.new_full((len(unlabeled_x) - len(train_y),), -1)])  # -1: unknown
     channels = train_x.transpose(0, 1).reshape(train_x.shape[1], -1)
     mean = torch.stack([c.float().mean() for c in channels]).view(1, -1, 1, 1)
@@ -601,7 +646,10 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     opt = torch.optim.SGD([dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.weight_decay),
                            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)],
                           lr=cfg.lr, momentum=0.9, nesterov=True,
-                          **(dict(fused=True) if cuda else dict(foreach=True)))
+                          **(dict(fused=True) if accelerator_paths(device) else dict(foreach=True)))
+    zero_momentum(opt)
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(cfg.precision)  # None: fp32
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     forward = torch.compile(model) if cfg.compile else model
 
@@ -620,7 +668,14 @@ def train(cfg: Config, data: dict | None = None) -> dict:
         net.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
-        gen.set_state(ck["generators"][rank])
+        if ck["generators"][rank].shape == gen.get_state().shape:
+            gen.set_state(ck["generators"][rank])
+        else:  # CUDA and CPU generators have different states: continue, but say that the stream changes
+            gen.manual_seed(cfg.seed + 1_000_003 * rank + ck["step"])
+            print("note: the checkpoint was written on another device type; sampling continues from a new seed, "
+                  "so this run will not match an uninterrupted one bit for bit", file=sys.stderr)
+        if scaler.is_enabled() and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         for t, saved in ((centres, ck["centres"]), (seen, ck["seen"]), (stats, ck["stats"])):
             t.copy_(saved)
         step, history, seconds = ck["step"], ck["history"], ck["seconds"]
@@ -631,7 +686,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
         if world > 1:
             dist.all_gather_object(gens, gen.get_state())
         if rank == 0:
-            state = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
+            state = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                         scaler=scaler.state_dict(), step=step,
                          centres=centres, seen=seen, stats=stats, generators=gens, history=history,
                          seconds=seconds + time.time() - start_time, config=dataclasses.asdict(cfg))
             atomic_write(path, lambda fh: torch.save(state, fh))
@@ -669,7 +725,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                 batch += [x_w, strong_augment(x_w, gen)]  # strong = weak + RandAugment + Cutout
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+            with torch.autocast(device.type, dtype, enabled=dtype is not None):
                 z, f = forward(normalize(torch.cat(batch)))  # one pass: BN sees [labeled, weak, strong]
                 z_s = y_hat = mask = f_s = None
                 if semi:
@@ -688,8 +744,9 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                     z_l = z
                 loss, terms = layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, cfg.lambda_u, cfg.lambda_ac)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)  # with fp16, skips the update if a gradient overflowed: normal, not an error
+            scaler.update()
             ema_update(ema, net, cfg.ema)
             step += 1
             if steady_start is None:
@@ -836,7 +893,7 @@ def bench(cfg: Config):
 
     data = dict(train_x=x, train_y=y, test_x=x[:256], test_y=y[:256])
     k = 3 if device.type == "cpu" and S >= 32 else 50  # timed steps after one warm-up step (seconds each on a CPU)
-    plain = dict(amp=False, channels_last=False, compile=False)
+    plain = dict(precision="fp32", channels_last=False, compile=False)
     speed = {}
     for name, overrides in (("ours", {}), ("plain NCHW fp32", plain)):
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()), \

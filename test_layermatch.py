@@ -225,6 +225,17 @@ def test_every_op_is_per_image(op):
     assert not torch.equal(subset, x)
 
 
+def test_accelerator_branch_of_strong_augment_equals_the_cpu_branch(monkeypatch):
+    """CUDA and MPS compute every op on the whole batch and select with torch.where; with a mix of ops in
+    one batch that branch must give exactly the CPU branch's images (it once indexed outside the
+    geometric matrices and crashed every GPU run at step 1)."""
+    x = images(64) // 2 + 40
+    cpu = lm.strong_augment(x, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(lm, "_FORCE_ACCELERATOR_PATHS", True)
+    accelerator = lm.strong_augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(cpu, accelerator)
+
+
 def pil_images(x):
     return [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]
 
@@ -316,7 +327,7 @@ def test_cli_smoke_run(tmp_path):
 def test_help_is_complete():
     r = run_cli("--help")
     assert r.returncode == 0
-    for f in ("--labels", "--grad-relu", "--lambda-ac", "--ac-momentum", "--resume", "--bench", "--no-hflip"):
+    for f in ("--labels", "--grad-relu", "--lambda-ac", "--ac-momentum", "--resume", "--bench", "--no-hflip", "--precision"):
         assert f in r.stdout
 
 
@@ -479,6 +490,97 @@ def test_bad_user_data_is_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Accelerator paths on the CPU: the torch.where augmentation, fused SGD, autocast, GradScaler, compile
+
+
+SHORT = dict(dataset="digits", labels=20, batch_size=8, uratio=2, threshold=0.3)  # low tau: L_u, L_ac from step 1
+
+
+def weights(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+
+
+def test_training_through_the_accelerator_paths_matches_the_cpu_paths(tmp_path, monkeypatch):
+    """fp32 through the torch.where augmentation and fused SGD: the same images, so the same run up to the
+    fused optimizer's rounding (it orders the Nesterov update differently: ~1e-7 per step)."""
+    lm.train(lm.Config(**SHORT, steps=12, eval_every=6, out=str(tmp_path / "cpu")))
+    monkeypatch.setattr(lm, "_FORCE_ACCELERATOR_PATHS", True)
+    lm.train(lm.Config(**SHORT, steps=12, eval_every=6, out=str(tmp_path / "acc")))
+    a, b = weights(tmp_path / "cpu"), weights(tmp_path / "acc")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-5)
+    assert [h["mask_rate"] for h in a["history"]] == [h["mask_rate"] for h in b["history"]] and a["history"][0]["L_ac"] > 0
+    assert [h["test_acc"] for h in a["history"]] == [h["test_acc"] for h in b["history"]]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("grad_relu", ["zero", "relu"])
+def test_every_precision_trains_end_to_end(tmp_path, monkeypatch, precision, grad_relu):
+    """Autocast in both GPU dtypes (fp16 with a GradScaler) with Grad-ReLU and Avg-Clustering, through the
+    accelerator paths. Close to the fp32 run; the loss stays finite; config.json records the precision."""
+    monkeypatch.setattr(lm, "_FORCE_ACCELERATOR_PATHS", True)
+    common = dict(SHORT, grad_relu=grad_relu, steps=6, eval_every=3)
+    lm.train(lm.Config(**common, out=str(tmp_path / "fp32")))
+    summary = lm.train(lm.Config(**common, precision=precision, out=str(tmp_path / "amp")))
+    ref, amp = weights(tmp_path / "fp32"), weights(tmp_path / "amp")
+    assert summary["finished"] and json.load(open(tmp_path / "amp" / "config.json"))["precision"] == precision
+    assert amp["history"][-1]["L_u"] > 0 and amp["history"][-1]["L_ac"] > 0
+    assert abs(amp["history"][0]["L_s"] / ref["history"][0]["L_s"] - 1) < 0.1  # mean over steps 1-3
+    assert not torch.equal(amp["model"]["fc.weight"], ref["model"]["fc.weight"])  # autocast did change the arithmetic
+    if precision == "fp16":  # the initial scale 2^16 overflows fp16 gradients: step 1 is skipped, not fatal
+        assert amp["scaler"]["scale"] < 2.0 ** 16
+
+
+def test_fused_sgd_momentum_survives_a_skipped_first_step():
+    """torch's fused SGD allocates the momentum buffer with empty_like and leaves it unwritten when the
+    GradScaler skips the step; we zero it up front. Without that, fp16 runs diverged at step 2."""
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True, fused=True)
+    lm.zero_momentum(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale((p * torch.tensor([1.0, float("inf"), 1.0])).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(p.detach(), torch.ones(3)) and torch.equal(opt.state[p]["momentum_buffer"], torch.zeros(3))
+    opt.zero_grad()
+    scaler.scale(p.sum()).backward()
+    scaler.step(opt)
+    torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * 1.9))  # Nesterov: g + 0.9 * (0.9 * 0 + g)
+
+
+def test_compile_runs_on_the_cpu(tmp_path, monkeypatch):
+    """--compile with bf16 autocast through the accelerator paths (about a minute on 2 cores)."""
+    monkeypatch.setattr(lm, "_FORCE_ACCELERATOR_PATHS", True)
+    common = dict(SHORT, steps=4, eval_every=2, precision="bf16")
+    lm.train(lm.Config(**common, out=str(tmp_path / "eager")))
+    lm.train(lm.Config(**common, compile=True, out=str(tmp_path / "compiled")))
+    a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert b["step"] == 4 and a["model"].keys() == b["model"].keys()  # the checkpoint holds the plain module
+    assert abs(b["history"][0]["L_s"] / a["history"][0]["L_s"] - 1) < 0.1
+
+
+@pytest.mark.parametrize("capability,expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((6, 0), "fp16")])
+def test_precision_policy(monkeypatch, capability, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert lm.pick_precision(torch.device("cuda", 0)) == expected
+    assert lm.pick_precision(torch.device("cpu")) == "fp32" and lm.pick_precision(torch.device("mps")) == "fp32"
+
+
+def test_resume_a_checkpoint_from_another_device_type(tmp_path):
+    """A checkpoint written on a GPU holds a 16-byte CUDA generator state; the CPU's is 5056 bytes. The run
+    continues (with a note), and the model, optimizer and step come back."""
+    out = str(tmp_path / "run")
+    lm.train(lm.Config(**SHORT, steps=8, eval_every=4, stop_at=4, out=out))
+    ck = weights(out)
+    ck["generators"] = [torch.zeros(16, dtype=torch.uint8)]  # what torch.Generator("cuda").get_state() gives
+    torch.save(ck, os.path.join(out, "checkpoint.pt"))
+    r = run_cli(*[f"--{k.replace('_', '-')}={v}" for k, v in SHORT.items()], "--steps", 8, "--eval-every", 4,
+                "--out", out, "--resume")
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "another device type" in r.stderr, r.stderr
+    assert weights(out)["step"] == 8 and [h["step"] for h in weights(out)["history"]] == [4, 8]
+
+
+# ---------------------------------------------------------------------------------------------
 # Two processes with torchrun (gloo on the CPU)
 
 
@@ -503,6 +605,38 @@ def test_torchrun_two_processes(tmp_path):
     r = torchrun(*args, "--resume", out=tmp_path / "split")
     assert r.returncode == 0, r.stderr[-3000:]
     assert states_equal(tmp_path / "ddp" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt")
+
+
+SLOW_DOWNLOAD = """
+import datetime, os, sys, time
+import torch.distributed as dist
+sys.path.insert(0, {here!r})
+import layermatch as lm
+init = dist.init_process_group  # a 3 s process-group timeout stands in for the default 10 minutes
+lm.dist.init_process_group = lambda *a, **k: init(*a, **k, timeout=datetime.timedelta(seconds=3))
+load = lm.load_data
+def slow_first_download(cfg):  # rank 0 "downloads" for 8 s, longer than that timeout
+    if os.environ["RANK"] == "0":
+        time.sleep(8)
+    return load(cfg)
+lm.load_data = slow_first_download
+lm.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_waits_for_a_slow_first_download(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_DOWNLOAD.format(here=HERE))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           *map(str, (*TINY, "--device", "cpu", "--steps", 2, "--eval-every", 2, "--out", tmp_path / "run"))]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(tmp_path / "run" / "summary.json"))["world_size"] == 2
+
+
+def test_torchrun_stops_every_rank_when_rank_0_cannot_load(tmp_path):
+    r = torchrun("--dataset", "cifar10", "--data-dir", tmp_path / "nodata", out=tmp_path / "run")
+    assert r.returncode != 0 and "rank 0 failed: could not load cifar10" in r.stderr, r.stderr[-3000:]
 
 
 def test_batch_must_split_over_processes(tmp_path):
