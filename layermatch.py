@@ -11,7 +11,7 @@ us; section "Our reading of the method" in README.md says exactly what we implem
     python layermatch.py --dataset digits --labels 20                   # offline demo, minutes on a CPU
     python layermatch.py --dataset cifar10 --labels 40 --resume         # continue an interrupted run
     torchrun --nproc_per_node=4 layermatch.py --dataset cifar100 --labels 400   # batch = global batch
-    python layermatch.py --bench                                        # throughput vs a PIL pipeline
+    python bench.py                                                     # throughput vs a PIL pipeline
 
 From Python (your own uint8 images [N, C, H, W] and int64 labels):
 
@@ -89,7 +89,6 @@ class Config:
                                 "capability >= 8.0, fp16 on older ones, fp32 elsewhere)", choices=["bf16", "fp16", "fp32"])
     channels_last: bool = arg(True, "channels_last memory format (faster convolutions on GPUs and recent CPUs)")
     compile: bool = arg(False, "torch.compile the model")
-    bench: bool = arg(False, "print throughput figures against reference pipelines and exit")
 
 DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
     "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False), "stl10": dict(),
@@ -458,6 +457,43 @@ def layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, lambda_u, lamb
     return loss, dict(L_s=L_s.detach(), L_u=L_u.detach(), L_ac=L_ac.detach())
 
 # ---------------------------------------------------------------------------------------------
+# One step of LayerMatch: from a batch of indices to the loss
+
+def avg_clustering_step(f_l, y, f_w, y_hat, weight, centres, seen, alpha):
+    """Update the centres with the labeled features and the confident, consistent weak ones (no gradient);
+    with several processes the sums are all-reduced so that every process holds the same centres."""
+    with torch.no_grad():
+        sums, counts = cluster_sums(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight, len(centres))
+        all_reduce(sums, counts)
+        return avg_clustering_update(centres, seen, sums, counts, alpha)
+
+def layermatch_step(model, head, data, gen, centres, seen, cfg, B, uB):
+    """Sample, augment, one forward pass over [labeled weak, unlabeled weak, unlabeled strong], pseudo-label,
+    Avg-Clustering, Grad-ReLU, loss. Device work only: no logging, no host synchronisation.
+    model(x) -> (logits, features); head is its linear layer. Returns (loss, terms, centres, seen)."""
+    dev, normalize = centres.device, data["normalize"]
+    i_l = data["labeled"][torch.randint(len(data["labeled"]), (B,), device=dev, generator=gen)]
+    x_l, y = weak_augment(data["x"][i_l], gen, cfg.hflip), data["y"][i_l]
+    if cfg.algorithm == "supervised":
+        loss, terms = layermatch_loss(model(normalize(x_l))[0], y, None, None, None, None, centres, seen, 0, 0)
+        return loss, terms, centres, seen
+    i_u = torch.randint(len(data["x_u"]), (uB,), device=dev, generator=gen)
+    x_w = weak_augment(data["x_u"][i_u], gen, cfg.hflip)
+    x_s = strong_augment(x_w, gen)  # RandAugment + Cutout
+    z, f = model(normalize(torch.cat([x_l, x_w, x_s])))  # one pass: BatchNorm sees [labeled, weak, strong]
+    z_l, z_w, z_s = z.split([B, uB, uB])
+    f_l, f_w, f_s = f.split([B, uB, uB])
+    y_hat, mask = pseudo_label(z_w, cfg.threshold)
+    if cfg.lambda_ac:
+        centres, seen = avg_clustering_step(f_l, y, f_w, y_hat, torch.cat([torch.ones_like(y, dtype=mask.dtype),
+                                            consistent(mask, z_s, y_hat)]), centres, seen, cfg.ac_momentum)
+    z_u = grad_relu_logits(f_s, head, cfg.grad_relu)  # the head's share of the pseudo-label gradient
+    loss, terms = layermatch_loss(z_l, y, z_u, y_hat, mask, f_s, centres, seen, cfg.lambda_u, cfg.lambda_ac)
+    hidden = data["y_u"][i_u]  # true labels of the unlabeled batch (-1: unknown), for diagnostics only
+    terms |= dict(mask=mask.mean(), pl_correct=(mask * (y_hat == hidden)).sum(), pl_known=(mask * (hidden >= 0)).sum())
+    return loss, terms, centres, seen
+
+# ---------------------------------------------------------------------------------------------
 # EMA, schedule, evaluation
 
 @torch.no_grad()
@@ -602,222 +638,245 @@ def rank_spread(tensors) -> float:
 # ---------------------------------------------------------------------------------------------
 # Training
 
+@dataclass
+class State:
+    """Everything a checkpoint carries; save_checkpoint and restore_checkpoint are its only readers."""
+    model: nn.Module  # the plain module (not DDP, not compiled), so that checkpoints load anywhere
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator  # sampling and augmentation of this process
+    centres: torch.Tensor  # Avg-Clustering c_k [K, d] and which classes have one
+    seen: torch.Tensor
+    stats: torch.Tensor  # running sums of STATS since the last evaluation, on the device
+    step: int = 0
+    history: list = field(default_factory=list)  # one row per evaluation, as in metrics.csv
+    seconds: float = 0.0  # training time before this process started
+    started: float = field(default_factory=time.time)
+
+def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
+    gens = [s.gen.get_state()] * world
+    if world > 1:
+        dist.all_gather_object(gens, s.gen.get_state())  # every process's stream, for an exact resume
+    if rank == 0:
+        state = dict(model=s.model.state_dict(), ema=s.ema.state_dict(), optimizer=s.optimizer.state_dict(),
+                     scaler=s.scaler.state_dict(), generators=gens, centres=s.centres, seen=s.seen, stats=s.stats,
+                     step=s.step, history=s.history, seconds=s.seconds + time.time() - s.started,
+                     config=dataclasses.asdict(cfg))
+        atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda fh: torch.save(state, fh))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(s.history[0]) if s.history else ["step"])
+        writer.writeheader()
+        writer.writerows(s.history)
+        write_text(os.path.join(cfg.out, "metrics.csv"), text.getvalue())
+
+def restore_checkpoint(s: State, cfg: Config, world: int, rank: int):
+    ck = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
+    check_resumable(cfg, ck["config"])
+    if len(ck["generators"]) != world:
+        raise UserError(f"cannot resume: the checkpoint is from {len(ck['generators'])} processes, this has {world}")
+    s.model.load_state_dict(ck["model"])
+    s.ema.load_state_dict(ck["ema"])
+    s.optimizer.load_state_dict(ck["optimizer"])
+    if s.scaler.is_enabled() and ck["scaler"]:
+        s.scaler.load_state_dict(ck["scaler"])
+    if ck["generators"][rank].shape == s.gen.get_state().shape:
+        s.gen.set_state(ck["generators"][rank])
+    else:  # CUDA and CPU generators have different states: continue, but say that the stream changes
+        s.gen.manual_seed(cfg.seed + 1_000_003 * rank + ck["step"])
+        print("note: the checkpoint was written on another device type; sampling continues from a new seed, "
+              "so this run will not match an uninterrupted one bit for bit", file=sys.stderr)
+    for name in ("centres", "seen", "stats"):
+        getattr(s, name).copy_(ck[name])
+    s.step, s.history, s.seconds = ck["step"], ck["history"], ck["seconds"]
+
+@contextlib.contextmanager
+def signals_to_flag():
+    """SIGINT/SIGTERM append to the yielded list; the loop checkpoints and exits at its next step. A second
+    signal kills at once (the last checkpoint is intact). Handlers can only be set in the main thread."""
+    stop = []
+
+    def on_signal(signum, _):
+        stop.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+    main = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield stop
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
 STATS = ("loss", "L_s", "L_u", "L_ac", "mask", "pl_correct", "pl_known", "steps")  # summed on the device
 LOG_EVERY = 16  # steps between host reads of those sums: the only synchronisation in the loop
 
-def train(cfg: Config, data: dict | None = None) -> dict:
-    """Train, evaluate and checkpoint one run; returns the summary (also written to summary.json)."""
-    cfg = resolve(cfg, data is not None)
-    rank, world, device = setup_processes(cfg)
-    cuda = device.type == "cuda"
-    cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    torch.backends.cudnn.benchmark = cuda
+def accumulate(stats: torch.Tensor, loss, terms):
+    """Add this step's figures to the device-side sums (no host sync)."""
+    zero = torch.zeros((), device=stats.device)
+    stats += torch.stack([loss.detach().float()] + [terms.get(k, zero).detach().float() for k in STATS[1:-1]]
+                         + [torch.ones((), device=stats.device)])
 
-    def setup(first):
-        d = load_data(cfg) if data is None else data
-        check_data(d)
-        if first:
-            prepare_out(cfg)  # after the data, so that a failed download leaves no folder behind
-        return d
-    data = rank_zero_first(world, rank, setup)
+def read_stats(stats: torch.Tensor, cfg: Config, step: int) -> dict:
+    """The log row for the steps since the last evaluation (one host sync)."""
+    s = dict(zip(STATS, stats.tolist()))
+    n = max(s["steps"], 1)
+    return dict(step=step, lr=learning_rate(cfg, step - 1), **{k: s[k] / n for k in STATS[:4]},
+                mask_rate=s["mask"] / n, pl_acc=s["pl_correct"] / max(s["pl_known"], 1))
 
-    # ---- data on the device
-    num_classes = int(data["train_y"].max()) + 1
-    labeled = labeled_subset(data["train_y"], cfg.labels, num_classes, cfg.seed).to(device)
+def to_device(data: dict, cfg: Config, device, fmt) -> dict:
+    """The dataset on the training device as uint8, the labeled subset, and the normalisation."""
     extra = data.get("unlabeled_x")  # concatenated on the host: only one copy ever reaches the device
-    unlabeled_x = (data["train_x"] if extra is None else torch.cat([data["train_x"], extra])).to(device)
-    train_x, train_y = unlabeled_x[:len(data["train_x"])], data["train_y"].to(device)  # labeled images included
-    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
-    unlabeled_y = torch.cat([train_y, train_y.new_full((len(unlabeled_x) - len(train_y),), -1)])  # -1: unknown
-    channels = train_x.transpose(0, 1).reshape(train_x.shape[1], -1)
-    mean = torch.stack([c.float().mean() for c in channels]).view(1, -1, 1, 1)
-    std = torch.stack([c.float().std() for c in channels]).view(1, -1, 1, 1)
-    normalize = lambda x: ((x.float() - mean) / std).contiguous(memory_format=fmt)
+    x_u = (data["train_x"] if extra is None else torch.cat([data["train_x"], extra])).to(device)
+    y = data["train_y"].to(device)
+    num_classes = int(data["train_y"].max()) + 1
+    channels = data["train_x"].transpose(0, 1).reshape(data["train_x"].shape[1], -1)
+    mean = torch.stack([c.float().mean() for c in channels]).view(1, -1, 1, 1).to(device)
+    std = torch.stack([c.float().std() for c in channels]).view(1, -1, 1, 1).to(device)
+    return dict(x=x_u[:len(y)], y=y, x_u=x_u, y_u=torch.cat([y, y.new_full((len(x_u) - len(y),), -1)]),
+                labeled=labeled_subset(data["train_y"], cfg.labels, num_classes, cfg.seed).to(device),
+                test_x=data["test_x"].to(device), test_y=data["test_y"].to(device), num_classes=num_classes,
+                normalize=lambda x: ((x.float() - mean) / std).contiguous(memory_format=fmt))
 
-    # ---- model, EMA, optimizer (no weight decay on BatchNorm parameters and biases)
-    torch.manual_seed(cfg.seed)  # same initialisation on every rank
-    net = WideResNet(num_classes, cfg.depth, cfg.widen, train_x.shape[1])
-    if world > 1 and cuda:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # BN statistics over the global batch
-    net = net.to(device, memory_format=fmt)
-    ema = copy.deepcopy(net).requires_grad_(False)
+def make_optimizer(net: nn.Module, cfg: Config, device) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; weight decay on conv and linear weights only (not BatchNorm, biases)."""
     params = list(net.parameters())
     opt = torch.optim.SGD([dict(params=[p for p in params if p.ndim > 1], weight_decay=cfg.weight_decay),
                            dict(params=[p for p in params if p.ndim <= 1], weight_decay=0.0)],
                           lr=cfg.lr, momentum=0.9, nesterov=True,
                           **(dict(fused=True) if accelerator_paths(device) else dict(foreach=True)))
     zero_momentum(opt)
+    return opt
+
+def train(cfg: Config, data: dict | None = None) -> dict:
+    """Train, evaluate and checkpoint one run; returns the summary (also written to summary.json)."""
+    cfg = resolve(cfg, data is not None)
+    rank, world, device = setup_processes(cfg)
+    cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def load(first):  # rank 0 first: it downloads; the output folder only once the data is there
+        d = load_data(cfg) if data is None else data
+        check_data(d)
+        if first:
+            prepare_out(cfg)
+        return d
+    D = to_device(rank_zero_first(world, rank, load), cfg, device, fmt)
+
+    torch.manual_seed(cfg.seed)  # the same initialisation on every process
+    net = WideResNet(D["num_classes"], cfg.depth, cfg.widen, D["x"].shape[1])
+    if world > 1 and device.type == "cuda":
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # BatchNorm statistics over the global batch
+    net = net.to(device, memory_format=fmt)
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(cfg.precision)  # None: fp32
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled
-    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    forward = torch.compile(model) if cfg.compile else model
-
-    # ---- state that a checkpoint must carry
-    centres = torch.zeros(num_classes, net.fc.in_features, device=device)  # Avg-Clustering c_k
-    seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
-    gen = torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank)  # sampling + augmentation
-    stats = torch.zeros(len(STATS), device=device)
-    step, history, seconds = 0, [], 0.0
-    path = os.path.join(cfg.out, "checkpoint.pt")
+    centres = torch.zeros(D["num_classes"], net.fc.in_features, device=device)
+    s = State(net, copy.deepcopy(net).requires_grad_(False), make_optimizer(net, cfg, device),
+              torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),  # fp16 gradients underflow unscaled
+              torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank), centres,
+              torch.zeros(D["num_classes"], dtype=torch.bool, device=device), torch.zeros(len(STATS), device=device))
     if cfg.resume:
-        ck = load_checkpoint(path)
-        check_resumable(cfg, ck["config"])
-        if len(ck["generators"]) != world:
-            raise UserError(f"cannot resume: the checkpoint is from {len(ck['generators'])} processes, this has {world}")
-        net.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        if ck["generators"][rank].shape == gen.get_state().shape:
-            gen.set_state(ck["generators"][rank])
-        else:  # CUDA and CPU generators have different states: continue, but say that the stream changes
-            gen.manual_seed(cfg.seed + 1_000_003 * rank + ck["step"])
-            print("note: the checkpoint was written on another device type; sampling continues from a new seed, "
-                  "so this run will not match an uninterrupted one bit for bit", file=sys.stderr)
-        if scaler.is_enabled() and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        for t, saved in ((centres, ck["centres"]), (seen, ck["seen"]), (stats, ck["stats"])):
-            t.copy_(saved)
-        step, history, seconds = ck["step"], ck["history"], ck["seconds"]
-    start_time = time.time()
+        restore_checkpoint(s, cfg, world, rank)
+    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    model = torch.compile(model) if cfg.compile else model
 
-    def save_checkpoint():
-        gens = [gen.get_state()] * world
-        if world > 1:
-            dist.all_gather_object(gens, gen.get_state())
-        if rank == 0:
-            state = dict(model=net.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                         scaler=scaler.state_dict(), step=step,
-                         centres=centres, seen=seen, stats=stats, generators=gens, history=history,
-                         seconds=seconds + time.time() - start_time, config=dataclasses.asdict(cfg))
-            atomic_write(path, lambda fh: torch.save(state, fh))
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=list(history[0]) if history else ["step"])
-            writer.writeheader()
-            writer.writerows(history)
-            write_text(os.path.join(cfg.out, "metrics.csv"), text.getvalue())
-
-    stop = []  # signals received: checkpoint and exit at the next step (with several processes: log step)
-
-    def on_signal(signum, _):
-        stop.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C kills at once; the last checkpoint is intact
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():  # signal handlers only work there
-        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    # ---- the loop
     B, uB = cfg.batch_size // world, cfg.uratio * cfg.batch_size // world  # this process's share
-    semi = cfg.algorithm != "supervised"
     bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
-    tick, tick_step = time.time(), step
-    steady_start, steady_step, busy = None, step, 0.0  # throughput clock: after the first step, minus evaluations
-    x_l = x_w = ()  # the last batch, reported per rank in the summary (none if resumed after the end)
-    try:
-        while step < cfg.steps:
-            i_l = labeled[torch.randint(len(labeled), (B,), device=device, generator=gen)]
-            x_l, y = weak_augment(train_x[i_l], gen, cfg.hflip), train_y[i_l]
-            batch = [x_l]
-            if semi:
-                i_u = torch.randint(len(unlabeled_x), (uB,), device=device, generator=gen)
-                x_w = weak_augment(unlabeled_x[i_u], gen, cfg.hflip)
-                batch += [x_w, strong_augment(x_w, gen)]  # strong = weak + RandAugment + Cutout
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+    bar = tqdm(total=cfg.steps, initial=s.step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
+    clock = Clock(s.step)
+    with signals_to_flag() as stop, bar:
+        while s.step < cfg.steps:
+            for group in s.optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, s.step)
             with torch.autocast(device.type, dtype, enabled=dtype is not None):
-                z, f = forward(normalize(torch.cat(batch)))  # one pass: BN sees [labeled, weak, strong]
-                z_s = y_hat = mask = f_s = None
-                if semi:
-                    z_l, z_w, z_s_plain = z.split([B, uB, uB])
-                    f_l, f_w, f_s = f.split([B, uB, uB])
-                    y_hat, mask = pseudo_label(z_w, cfg.threshold)
-                    if cfg.lambda_ac:  # Avg-Clustering: labeled + confident-and-consistent unlabeled
-                        with torch.no_grad():
-                            weight = torch.cat([torch.ones_like(mask[:B]), consistent(mask, z_s_plain, y_hat)])
-                            sums, counts = cluster_sums(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight,
-                                                        num_classes)
-                            all_reduce(sums, counts)  # identical centres on every rank
-                            centres, seen = avg_clustering_update(centres, seen, sums, counts, cfg.ac_momentum)
-                    z_s = grad_relu_logits(f_s, net.fc, cfg.grad_relu)
-                else:
-                    z_l = z
-                loss, terms = layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, cfg.lambda_u, cfg.lambda_ac)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)  # with fp16, skips the update if a gradient overflowed: normal, not an error
-            scaler.update()
-            ema_update(ema, net, cfg.ema)
-            step += 1
-            if steady_start is None:
-                loss.item()  # wait for the warm-up step, once
-                steady_start, steady_step = time.time(), step
+                loss, terms, s.centres, s.seen = layermatch_step(model, net.fc, D, s.gen, s.centres, s.seen, cfg, B, uB)
+            s.optimizer.zero_grad(set_to_none=True)
+            s.scaler.scale(loss).backward()
+            s.scaler.step(s.optimizer)  # with fp16, skips the update if a gradient overflowed: normal, not an error
+            s.scaler.update()
+            ema_update(s.ema, net, cfg.ema)
+            s.step += 1
+            bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), s.step, bad_step)
+            accumulate(s.stats, loss, terms)
+            clock.first_step_done(loss, s.step)
 
-            with torch.no_grad():  # running sums on the device, no host sync
-                bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), step, bad_step)
-                pseudo = torch.zeros(3, device=device)
-                if semi:  # mask rate; pseudo-label accuracy against the hidden true labels (where known)
-                    hidden = unlabeled_y[i_u]
-                    pseudo = torch.stack([mask.mean(), (mask * (y_hat == hidden)).sum(), (mask * (hidden >= 0)).sum()])
-                stats += torch.cat([torch.stack([loss.detach(), terms["L_s"], terms["L_u"], terms["L_ac"]]),
-                                    pseudo, torch.ones(1, device=device)])
-
-            evaluating = step % cfg.eval_every == 0 or step == cfg.steps
-            if step % LOG_EVERY and not evaluating and step != cfg.stop_at and not (stop and world == 1):
+            evaluating = s.step % cfg.eval_every == 0 or s.step == cfg.steps
+            if s.step % LOG_EVERY and not evaluating and s.step != cfg.stop_at and not (stop and world == 1):
                 continue
             flags = torch.stack([bad_step.float(), torch.tensor(float(bool(stop)), device=device)])
             if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
+                dist.all_reduce(flags, dist.ReduceOp.MAX)  # every process stops at the same step
             bad, stopping = flags.tolist()
             if bad >= 0:
                 raise UserError(f"non-finite loss at step {int(bad)}; stopped. The last checkpoint in '{cfg.out}' "
-                                f"(step {history[-1]['step'] if history else 'none'}) is intact")
-            s = dict(zip(STATS, stats.tolist()))
-            n = max(s["steps"], 1)
-            row = dict(step=step, lr=learning_rate(cfg, step - 1), **{k: s[k] / n for k in STATS[:4]},
-                       mask_rate=s["mask"] / n, pl_acc=s["pl_correct"] / max(s["pl_known"], 1))
-            now = time.time()
-            images_per_s = (step - tick_step) * (B + 2 * uB * semi) * world / (now - tick)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} | {"img/s": f"{images_per_s:.0f}"})
-            bar.update(step - bar.n)
-            tick, tick_step = now, step
+                                f"(step {s.history[-1]['step'] if s.history else 'none'}) is intact")
+            row = read_stats(s.stats, cfg, s.step)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} |
+                            {"img/s": f"{clock.images_per_second(s.step, (B + 2 * uB * (cfg.algorithm != 'supervised')) * world):.0f}"})
+            bar.update(s.step - bar.n)
             if evaluating:
-                busy -= time.time()
-                row["test_acc"] = evaluate(ema, test_x, test_y, normalize) if rank == 0 else float("nan")
-                history.append(row)
-                stats.zero_()
-                save_checkpoint()
-                accs = [h["test_acc"] for h in history]
-                if rank == 0:
-                    median = statistics.median(accs[-20:])
-                    bar.write(f"step {step:>7} | test acc {row['test_acc']:.2%} | median(last 20) {median:.2%} | "
-                              f"best {max(accs):.2%} | mask {row['mask_rate']:.2f}")
-                busy += time.time()
+                with clock.paused():
+                    row["test_acc"] = evaluate(s.ema, D["test_x"], D["test_y"], D["normalize"]) if rank == 0 else math.nan
+                    s.history.append(row)
+                    s.stats.zero_()
+                    save_checkpoint(s, cfg, world, rank)
+                    if rank == 0:
+                        bar.write(evaluation_line(s.history))
             if stopping:
-                save_checkpoint()
-                raise Interrupted(stop[0] if stop else signal.SIGTERM, step)
-            if step == cfg.stop_at:
+                save_checkpoint(s, cfg, world, rank)
+                raise Interrupted(stop[0] if stop else signal.SIGTERM, s.step)
+            if s.step == cfg.stop_at:
                 if not evaluating:
-                    save_checkpoint()
+                    save_checkpoint(s, cfg, world, rank)
                 break
-    finally:
-        bar.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    return summarise(s, cfg, world, rank, device, clock, (B, uB * (cfg.algorithm != "supervised")))
 
-    steady = time.time() - steady_start - busy if steady_start else 0
-    summary = dict(steps=step, finished=step == cfg.steps, device=str(device), world_size=world,
-                   train_seconds=round(seconds + time.time() - start_time, 1),
-                   steps_per_second=(step - steady_step) / steady if steady > 0 else float("nan"))
+class Clock:
+    """Images/s for the bar, and steady-state steps/s for the summary: from the end of the first step
+    (compilation, autotuning) to the end, minus the time spent evaluating."""
+
+    def __init__(self, step):
+        self.tick, self.tick_step, self.start, self.start_step, self.busy = time.time(), step, None, step, 0.0
+
+    def first_step_done(self, loss, step):
+        if self.start is None:
+            loss.item()  # wait for the first step once; the only other sync is the logging
+            self.start, self.start_step = time.time(), step
+
+    def images_per_second(self, step, images_per_step):
+        now = time.time()
+        rate = (step - self.tick_step) * images_per_step / (now - self.tick)
+        self.tick, self.tick_step = now, step
+        return rate
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.time()
+        yield
+        self.busy += time.time() - t
+
+    def steps_per_second(self, step):
+        steady = time.time() - self.start - self.busy if self.start else 0
+        return (step - self.start_step) / steady if steady > 0 else math.nan
+
+def evaluation_line(history) -> str:
+    accs = [h["test_acc"] for h in history]
+    return (f"step {history[-1]['step']:>7} | test acc {accs[-1]:.2%} | median(last 20) {statistics.median(accs[-20:]):.2%}"
+            f" | best {max(accs):.2%} | mask {history[-1]['mask_rate']:.2f}")
+
+def summarise(s: State, cfg: Config, world, rank, device, clock, batch) -> dict:
+    """summary.json: the FixMatch paper's median of the last 20 evaluations, the best and the final one."""
+    summary = dict(steps=s.step, finished=s.step == cfg.steps, device=str(device), world_size=world,
+                   train_seconds=round(s.seconds + time.time() - s.started, 1),
+                   steps_per_second=clock.steps_per_second(s.step))
     if summary["finished"]:
-        accs = [h["test_acc"] for h in history]
+        accs = [h["test_acc"] for h in s.history]
         summary |= dict(test_acc_median_last20=statistics.median(accs[-20:]), test_acc_best=max(accs),
                         test_acc_final=accs[-1], evaluations=len(accs))
     if world > 1:
         batches = [None] * world
-        dist.all_gather_object(batches, [len(x_l), len(x_w) if semi else 0])
+        dist.all_gather_object(batches, list(batch))
         summary |= dict(batch_per_rank=batches,
-                        rank_spread=rank_spread(list(net.parameters()) + list(ema.parameters()) + [centres]))
+                        rank_spread=rank_spread(list(s.model.parameters()) + list(s.ema.parameters()) + [s.centres]))
         dist.destroy_process_group()
     if rank == 0 and summary["finished"]:
         write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
@@ -826,94 +885,11 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     return summary
 
 # ---------------------------------------------------------------------------------------------
-# Benchmark (--bench): our throughput next to reference pipelines, measured side by side in one run
-
-def pil_pipeline(side, channels, hflip):
-    """The reference: the same recipe per image on PIL, as the classic implementations run it in DataLoader
-    workers (flip, reflect-pad crop, 2-of-14 RandAugment at p=0.5, Cutout, ToTensor, Normalize)."""
-    import random
-    import torchvision.transforms as T
-    from PIL import Image, ImageDraw, ImageEnhance, ImageOps
-    gray, pm = (128,) * channels if channels > 1 else 128, lambda L: L * random.choice((-1, 1))
-    enhance = lambda cls: lambda im, L: cls(im).enhance(0.1 + 1.8 * L / 10)
-    warp = lambda m: lambda im, L: im.transform(im.size, Image.AFFINE, m(L), fillcolor=gray)
-    ops = [lambda im, L: im, lambda im, L: ImageOps.autocontrast(im), lambda im, L: ImageOps.equalize(im),
-           enhance(ImageEnhance.Brightness), enhance(ImageEnhance.Color), enhance(ImageEnhance.Contrast),
-           enhance(ImageEnhance.Sharpness), lambda im, L: im.rotate(3 * pm(L), fillcolor=gray),
-           warp(lambda L: (1, 0.03 * pm(L), 0, 0, 1, 0)), warp(lambda L: (1, 0, 0, 0.03 * pm(L), 1, 0)),
-           warp(lambda L: (1, 0, pm(L) * side / 32, 0, 1, 0)), warp(lambda L: (1, 0, 0, 0, 1, pm(L) * side / 32)),
-           lambda im, L: ImageOps.posterize(im, 4 - int(0.4 * L)),
-           lambda im, L: ImageOps.solarize(im, 256 - int(25.6 * L))]
-
-    def strong(im):
-        for op in random.choices(ops, k=2):
-            im = op(im, random.randint(1, 9)) if random.random() < 0.5 else im
-        cy, cx, h = random.randrange(side), random.randrange(side), side // 4
-        ImageDraw.Draw(im).rectangle((cx - h, cy - h, cx + h - 1, cy + h - 1), fill=gray)  # Cutout
-        return im
-    weak = T.Compose([T.RandomHorizontalFlip(0.5 * hflip), T.RandomCrop(side, round(side / 8), padding_mode="reflect")])
-    tensor = T.Compose([T.ToTensor(), T.Normalize([0.5] * channels, [0.25] * channels)])
-    return lambda im: (tensor(weak(im)), tensor(strong(weak(im))))
-
-def seconds_per_call(fn, device, min_seconds=2.0):
-    fn()  # warm-up
-    calls, start = 0, time.time()
-    while time.time() - start < min_seconds:
-        fn()
-        calls += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return (time.time() - start) / calls
-
-def bench(cfg: Config):
-    """Figures for this device and config on synthetic uint8 data of the dataset's shape."""
-    import tempfile
-    from PIL import Image
-    device, threads = pick_device(cfg.device, 0), torch.get_num_threads()
-    C, S = {"digits": (1, 8), "stl10": (3, 96)}.get(cfg.dataset, (3, 32))
-    B, uB = cfg.batch_size, cfg.uratio * cfg.batch_size
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (max(1024, B + uB), C, S, S), dtype=torch.uint8, generator=g)
-    y = torch.arange(len(x)) % 10
-    print(f"device {device}, torch {torch.__version__}, {threads} threads, dataset shape {C}x{S}x{S}, B={B}, muB={uB}")
-
-    gen, x_l, x_u = torch.Generator(device).manual_seed(0), x[:B].to(device), x[:uB].to(device)
-    ours = lambda: (weak_augment(x_l, gen, cfg.hflip), strong_augment(weak_augment(x_u, gen, cfg.hflip), gen))
-    pipe = pil_pipeline(S, C, cfg.hflip)
-    pil = [Image.fromarray(im.squeeze(0).numpy() if C == 1 else im.permute(1, 2, 0).numpy()) for im in x[:256]]
-    reference = lambda: [pipe(im) for im in pil]
-    torch.set_num_threads(1)  # per core: one of our threads against one DataLoader worker
-    ours_1, ref_1 = uB / seconds_per_call(ours, device), len(pil) / seconds_per_call(reference, device)
-    torch.set_num_threads(threads)
-    ours_n = uB / seconds_per_call(ours, device)
-    print(f"augmentation, 1 thread each: ours {ours_1:,.0f} (weak, strong) pairs/s (+ {B} labeled weak per {uB}), "
-          f"PIL reference {ref_1:,.0f} pairs/s   {ours_1 / ref_1:.1f}x")
-    print(f"augmentation, {threads} threads: ours {ours_n:,.0f} pairs/s; reference with {threads} perfectly scaling "
-          f"workers {ref_1 * threads:,.0f} pairs/s   {ours_n / (ref_1 * threads):.1f}x")
-
-    data = dict(train_x=x, train_y=y, test_x=x[:256], test_y=y[:256])
-    k = 3 if device.type == "cpu" and S >= 32 else 50  # timed steps after one warm-up step (seconds each on a CPU)
-    plain = dict(precision="fp32", channels_last=False, compile=False)
-    speed = {}
-    for name, overrides in (("ours", {}), ("plain NCHW fp32", plain)):
-        with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()), \
-                contextlib.redirect_stdout(io.StringIO()):  # the runs' own progress bars
-            run = dataclasses.replace(cfg, dataset="bench", labels=10, steps=k + 1, eval_every=k + 1, out=out,
-                                      overwrite=True, resume=False, **overrides)
-            speed[name] = train(run, data)["steps_per_second"]
-    for name, sps in speed.items():
-        print(f"training step ({name}): {sps:.3f} steps/s, {sps * (B + 2 * uB):,.0f} images/s")
-    print(f"training step, ours vs plain NCHW fp32: {speed['ours'] / speed['plain NCHW fp32']:.2f}x")
-
-# ---------------------------------------------------------------------------------------------
 # main
 
 def main(argv=None):
     try:
-        cfg = parse_args(argv)
-        if cfg.bench:
-            return bench(resolve(cfg, False))
-        train(cfg)
+        train(parse_args(argv))
     except UserError as e:
         sys.exit(f"layermatch.py: error: {e}")
     except Interrupted as e:
