@@ -88,7 +88,8 @@ def bench(cfg: lm.Config):
     data = dict(train_x=x, train_y=y, test_x=x[:256], test_y=y[:256])
     k = 3 if device.type == "cpu" and S >= 32 else 50  # timed steps after one warm-up step (seconds each on a CPU)
     speed = {}
-    for name, overrides in (("ours", {}), ("plain NCHW fp32", dict(precision="fp32", channels_last=False, compile=False))):
+    plain = dict(precision="fp32", channels_last=False, compile=False)
+    for name, overrides in (("ours", {}), ("plain NCHW fp32", plain)):
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()), \
                 contextlib.redirect_stdout(io.StringIO()):  # the runs' own progress bars
             run = dataclasses.replace(cfg, dataset="bench", labels=10, steps=k + 1, eval_every=k + 1, out=out,

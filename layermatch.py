@@ -70,13 +70,16 @@ class Config:
     steps: int | None = arg(None, "training steps K (default 2^20; digits 1500)")
     batch_size: int | None = arg(None, "labeled batch B, global over all processes (default 64; digits 16)")
     uratio: int = arg(7, "unlabeled batch = uratio * B (mu)")
-    threshold: float = arg(0.95, "confidence threshold tau for pseudo-labels")
-    lambda_u: float = arg(1.0, "weight of the unsupervised (pseudo-label) loss")
+    threshold: float | None = arg(None, "confidence threshold tau for pseudo-labels (default 0.95)")
+    lambda_u: float | None = arg(None, "weight of the unsupervised (pseudo-label) loss (default 1)")
     lr: float = arg(0.03, "SGD learning rate, cosine-decayed as lr*cos(7*pi*k/(16*K))")
     weight_decay: float | None = arg(None, "L2 on conv/linear weights (default 5e-4; cifar100 1e-3)")
-    ema: float | None = arg(None, "decay of the weight EMA used for evaluation (default 0.999; digits 0.99)")
+    ema: float | None = arg(None, "decay d of the weight EMA used for evaluation, warmed up as min(d, (1+k)/(10+k)) "
+                                  "(default 0.999)")
     eval_every: int | None = arg(None, "steps between evaluations and checkpoints (default 1024; digits 25)")
-    depth: int = arg(28, "WideResNet depth (6n+4)")
+    depth: int = arg(28, "WideResNet depth 6n+4: n blocks per stage")
+    stages: int | None = arg(None, "WideResNet stages: 3 (WRN-28-k) or 4 (WRN-37-k, first stage stride 2; "
+                                   "default for stl10)", choices=[3, 4])
     widen: int | None = arg(None, "WideResNet widening factor (default 2; cifar100 8)")
     hflip: bool | None = arg(None, "random horizontal flip in weak augmentation (default on; off for svhn, digits)")
     # LayerMatch (None = per-algorithm default, see ALGORITHM_DEFAULTS)
@@ -85,16 +88,19 @@ class Config:
     lambda_ac: float | None = arg(None, "weight of the Avg-Clustering loss (layermatch 1, else 0)")
     ac_momentum: float = arg(0.99, "momentum alpha of the Avg-Clustering class centres")
     # speed
-    precision: str | None = arg(None, "autocast dtype; fp16 adds a GradScaler (default: bf16 on CUDA GPUs of compute "
-                                "capability >= 8.0, fp16 on older ones, fp32 elsewhere)", choices=["bf16", "fp16", "fp32"])
+    precision: str | None = arg(None, "autocast dtype; fp16 adds a GradScaler (default: bf16 on CUDA GPUs of "
+                                "compute capability >= 8.0, fp16 on older ones, fp32 elsewhere)",
+                                choices=["bf16", "fp16", "fp32"])
     channels_last: bool = arg(True, "channels_last memory format (faster convolutions on GPUs and recent CPUs)")
     compile: bool = arg(False, "torch.compile the model")
 
 DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
-    "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False), "stl10": dict(),
-    "digits": dict(steps=1500, batch_size=16, eval_every=25, ema=0.99, hflip=False),  # EMA horizon ~100 steps
+    "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False),
+    "stl10": dict(stages=4),  # WRN-37-2, as the FixMatch paper (USB's wrn_var_37_2)
+    "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False),
 }
-BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, weight_decay=5e-4, ema=0.999, hflip=True)
+BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, stages=3, weight_decay=5e-4, ema=0.999,
+                     hflip=True, threshold=0.95, lambda_u=1.0)
 ALGORITHM_DEFAULTS = {
     "layermatch": dict(grad_relu="zero", lambda_ac=1.0),
     "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
@@ -136,6 +142,10 @@ def resolve(cfg: Config, user_data: bool) -> Config:
         raise UserError(f"unknown dataset '{cfg.dataset}' (choose from {', '.join(DATASET_DEFAULTS)})")
     if cfg.algorithm not in ALGORITHM_DEFAULTS:
         raise UserError(f"unknown algorithm '{cfg.algorithm}' (choose from {', '.join(ALGORITHM_DEFAULTS)})")
+    unused = [k for k in ("threshold", "lambda_u", "lambda_ac", "grad_relu") if getattr(cfg, k) is not None]
+    if cfg.algorithm == "supervised" and unused:
+        raise UserError(f"--algorithm supervised uses no pseudo-labels, so --{unused[0].replace('_', '-')} "
+                        "would be ignored; drop it or choose layermatch or fixmatch")
     defaults = {**BASE_DEFAULTS, **DATASET_DEFAULTS.get(cfg.dataset, {}), **ALGORITHM_DEFAULTS[cfg.algorithm]}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
                               out=cfg.out or f"runs/{cfg.dataset}@{cfg.labels}-{cfg.algorithm}-s{cfg.seed}")
@@ -273,7 +283,7 @@ def enhance_factor(level):
 def affine(x, level, sign, op):
     """Rotate / ShearX / ShearY / TranslateX / TranslateY, one grid_sample with a per-image matrix.
     The matrix maps output to input pixels; since every sign is random, the inverse needs no care.
-    Nearest-neighbour sampling and mid-gray fill, like PIL's defaults in FixMatch's RandAugment."""
+    Nearest-neighbour sampling as PIL's default; mid-gray fill as the official FixMatch code (PIL fills black)."""
     N, C, H, W = x.shape
     v = (sign * level).float()
     angle, shear, shift_x, shift_y = torch.deg2rad(3 * v), 0.03 * v, v * W / 32, v * H / 32
@@ -351,11 +361,28 @@ def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Network: pre-activation WideResNet as in the FixMatch ports, features() and fc kept apart.
 
+BN_MOMENTUM = 0.001  # FixMatch's BatchNorm momentum m, applied by average_running_stats (below)
+
+def BatchNorm(channels):
+    """Momentum 1: after a training forward the buffers hold that batch's statistics, which the loop averages
+    with a warmed-up momentum. Setting the momentum per step instead would recompile a torch.compile'd model."""
+    return nn.BatchNorm2d(channels, momentum=1.0)
+
+@torch.no_grad()
+def average_running_stats(stats: list, before: list, step: int):
+    """BatchNorm running statistics with momentum max(m, 1/(k+1)) at step k: a cumulative average first, so
+    that short runs evaluate with true statistics, then FixMatch's m = 0.001 from step 1000 on."""
+    torch._foreach_lerp_(stats, before, 1 - max(BN_MOMENTUM, 1 / (step + 1)))
+
+def running_stats(model: nn.Module) -> list:
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var)]
+
 class Block(nn.Module):
     def __init__(self, c_in, c_out, stride, activate_before_residual=False):
         super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(c_in, momentum=0.001), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(c_out, momentum=0.001), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn1, self.conv1 = BatchNorm(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = BatchNorm(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.shortcut = None if c_in == c_out and stride == 1 else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
         self.activate_before_residual = activate_before_residual
 
@@ -366,17 +393,20 @@ class Block(nn.Module):
         return out + (residual if self.shortcut is None else self.shortcut(residual))
 
 class WideResNet(nn.Module):
-    def __init__(self, num_classes, depth=28, widen=2, in_channels=3):
+    """WRN-(6n+4)-k: stages of n blocks, widths 16k, 32k, 64k (, 128k), stride 2 at the first block of every
+    stage but the first; with 4 stages (the FixMatch paper's WRN-37-2 for 96 px STL-10) the first too."""
+
+    def __init__(self, num_classes, depth=28, widen=2, in_channels=3, stages=3):
         super().__init__()
-        n, widths = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        n, widths = (depth - 4) // 6, [16] + [16 * widen * 2**i for i in range(stages)]
         layers = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)]
-        for stage in range(3):
+        for stage in range(stages):
             for i in range(n):
-                c_in = widths[stage] if i == 0 else widths[stage + 1]
-                layers.append(Block(c_in, widths[stage + 1], 2 if (i == 0 and stage > 0) else 1, stage == i == 0))
-        layers += [nn.BatchNorm2d(widths[3], momentum=0.001), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.features = nn.Sequential(*layers)  # x [N, C, H, W] -> f [N, 64*widen]
-        self.fc = nn.Linear(widths[3], num_classes)
+                c_in, stride = widths[stage + (i > 0)], 2 if i == 0 and (stage > 0 or stages == 4) else 1
+                layers.append(Block(c_in, widths[stage + 1], stride, stage == i == 0))
+        layers += [BatchNorm(widths[-1]), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)  # x [N, C, H, W] -> f [N, widths[-1]]
+        self.fc = nn.Linear(widths[-1], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
@@ -450,51 +480,56 @@ def layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, lambda_u, lamb
     """L = L_s + lambda_u L_u + lambda_ac L_ac. z_s must come from grad_relu_logits(f_s, ...)."""
     L_s = F.cross_entropy(z_l.float(), y)
     if z_s is None:  # supervised only
-        return L_s, dict(L_s=L_s.detach(), L_u=torch.zeros_like(L_s), L_ac=torch.zeros_like(L_s))
+        return L_s, dict(L_s=L_s)
     L_u = (F.cross_entropy(z_s.float(), y_hat, reduction="none") * mask).mean()
     L_ac = avg_clustering_loss(f_s, centres, seen, y_hat, mask) if lambda_ac else torch.zeros_like(L_u)
-    loss = L_s + lambda_u * L_u + lambda_ac * L_ac
-    return loss, dict(L_s=L_s.detach(), L_u=L_u.detach(), L_ac=L_ac.detach())
+    return L_s + lambda_u * L_u + lambda_ac * L_ac, dict(L_s=L_s, L_u=L_u, L_ac=L_ac)
 
 # ---------------------------------------------------------------------------------------------
 # One step of LayerMatch: from a batch of indices to the loss
 
-def avg_clustering_step(f_l, y, f_w, y_hat, weight, centres, seen, alpha):
-    """Update the centres with the labeled features and the confident, consistent weak ones (no gradient);
-    with several processes the sums are all-reduced so that every process holds the same centres."""
+def avg_clustering_step(f, y, weight, centres, seen, alpha):
+    """Update the centres with the features f of the contributors (weight 1), without gradient; with several
+    processes the sums are all-reduced so that every process holds the same centres."""
     with torch.no_grad():
-        sums, counts = cluster_sums(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight, len(centres))
+        sums, counts = cluster_sums(f, y, weight, len(centres))
         all_reduce(sums, counts)
         return avg_clustering_update(centres, seen, sums, counts, alpha)
 
 def layermatch_step(model, head, data, gen, centres, seen, cfg, B, uB):
     """Sample, augment, one forward pass over [labeled weak, unlabeled weak, unlabeled strong], pseudo-label,
     Avg-Clustering, Grad-ReLU, loss. Device work only: no logging, no host synchronisation.
-    model(x) -> (logits, features); head is its linear layer. Returns (loss, terms, centres, seen)."""
-    dev, normalize = centres.device, data["normalize"]
+    model(x) -> (logits, features); head is its linear layer. Returns (loss, terms, centres, seen).
+    The centres are kept for every algorithm (fixmatch, supervised: for the nearest-centre diagnostic only)."""
+    dev, normalize, alpha = centres.device, data["normalize"], cfg.ac_momentum
     i_l = data["labeled"][torch.randint(len(data["labeled"]), (B,), device=dev, generator=gen)]
     x_l, y = weak_augment(data["x"][i_l], gen, cfg.hflip), data["y"][i_l]
     if cfg.algorithm == "supervised":
-        loss, terms = layermatch_loss(model(normalize(x_l))[0], y, None, None, None, None, centres, seen, 0, 0)
-        return loss, terms, centres, seen
+        z_l, f_l = model(normalize(x_l))
+        loss, terms = layermatch_loss(z_l, y, None, None, None, None, centres, seen, 0, 0)
+        return loss, terms, *avg_clustering_step(f_l, y, torch.ones_like(y), centres, seen, alpha)
     i_u = torch.randint(len(data["x_u"]), (uB,), device=dev, generator=gen)
     x_w = weak_augment(data["x_u"][i_u], gen, cfg.hflip)
-    x_s = strong_augment(x_w, gen)  # RandAugment + Cutout
+    x_s = strong_augment(weak_augment(data["x_u"][i_u], gen, cfg.hflip), gen)  # its own flip and crop
     z, f = model(normalize(torch.cat([x_l, x_w, x_s])))  # one pass: BatchNorm sees [labeled, weak, strong]
     z_l, z_w, z_s = z.split([B, uB, uB])
     f_l, f_w, f_s = f.split([B, uB, uB])
     y_hat, mask = pseudo_label(z_w, cfg.threshold)
-    if cfg.lambda_ac:
-        centres, seen = avg_clustering_step(f_l, y, f_w, y_hat, torch.cat([torch.ones_like(y, dtype=mask.dtype),
-                                            consistent(mask, z_s, y_hat)]), centres, seen, cfg.ac_momentum)
     z_u = grad_relu_logits(f_s, head, cfg.grad_relu)  # the head's share of the pseudo-label gradient
     loss, terms = layermatch_loss(z_l, y, z_u, y_hat, mask, f_s, centres, seen, cfg.lambda_u, cfg.lambda_ac)
+    weight = torch.cat([torch.ones_like(mask[:B]), consistent(mask, z_s, y_hat)])  # after L_ac: see README
+    centres, seen = avg_clustering_step(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight, centres, seen, alpha)
     hidden = data["y_u"][i_u]  # true labels of the unlabeled batch (-1: unknown), for diagnostics only
     terms |= dict(mask=mask.mean(), pl_correct=(mask * (y_hat == hidden)).sum(), pl_known=(mask * (hidden >= 0)).sum())
     return loss, terms, centres, seen
 
 # ---------------------------------------------------------------------------------------------
 # EMA, schedule, evaluation
+
+def ema_decay(d: float, step: int) -> float:
+    """Warmed up as TensorFlow's num_updates and timm do: early evaluations average the recent weights, not
+    the random initialisation (a 0.999 EMA remembers it for thousands of steps)."""
+    return min(d, (1 + step) / (10 + step))
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float):
@@ -514,11 +549,17 @@ def learning_rate(cfg, step):
     return cfg.lr * math.cos(7 * math.pi * step / (16 * cfg.steps))
 
 @torch.no_grad()
-def evaluate(model, x, y, normalize, batch=1024) -> float:
+def evaluate(model, x, y, normalize, centres, seen, batch=1024) -> tuple:
+    """Test accuracy of the linear head, and of the nearest class centre (cosine) on the same features: the
+    second measures the feature extractor alone, which LayerMatch claims pseudo-labels help."""
     model.eval()  # only ever called on the EMA copy; the training model stays in train mode
-    correct = sum((model(normalize(x[i:i + batch]))[0].argmax(1) == y[i:i + batch]).sum()
-                  for i in range(0, len(x), batch))
-    return correct.item() / len(x)
+    hits = torch.zeros(2, device=x.device)
+    for i in range(0, len(x), batch):
+        z, f = model(normalize(x[i:i + batch]))
+        cos = (F.normalize(f.float(), dim=1) @ centres.t()).masked_fill(~seen, -2)  # classes without a centre lose
+        hits += torch.stack([(z.argmax(1) == y[i:i + batch]).sum(), (cos.argmax(1) == y[i:i + batch]).sum()])
+    head, centre = hits.tolist()
+    return head / len(x), centre / len(x)
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: one dict, written atomically so that a kill at any moment leaves the last one loadable
@@ -533,13 +574,6 @@ def atomic_write(path, write):
 
 def write_text(path, text):
     atomic_write(path, lambda fh: fh.write(text.encode()))
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
-                        "it was left untouched: move it away or start again with --overwrite") from None
 
 def prepare_out(cfg: Config):
     """The output folder: never silently reused or clobbered."""
@@ -671,7 +705,12 @@ def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
         write_text(os.path.join(cfg.out, "metrics.csv"), text.getvalue())
 
 def restore_checkpoint(s: State, cfg: Config, world: int, rank: int):
-    ck = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
+                        "it was left untouched: move it away or start again with --overwrite") from None
     check_resumable(cfg, ck["config"])
     if len(ck["generators"]) != world:
         raise UserError(f"cannot resume: the checkpoint is from {len(ck['generators'])} processes, this has {world}")
@@ -764,7 +803,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     D = to_device(rank_zero_first(world, rank, load), cfg, device, fmt)
 
     torch.manual_seed(cfg.seed)  # the same initialisation on every process
-    net = WideResNet(D["num_classes"], cfg.depth, cfg.widen, D["x"].shape[1])
+    net = WideResNet(D["num_classes"], cfg.depth, cfg.widen, D["x"].shape[1], cfg.stages)
     if world > 1 and device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # BatchNorm statistics over the global batch
     net = net.to(device, memory_format=fmt)
@@ -780,24 +819,29 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     model = torch.compile(model) if cfg.compile else model
 
     B, uB = cfg.batch_size // world, cfg.uratio * cfg.batch_size // world  # this process's share
+    bn_stats = running_stats(net)
     bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite
     bar = tqdm(total=cfg.steps, initial=s.step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
-    clock = Clock(s.step)
+    t0, k0, busy = None, s.step, 0.0  # steady-state clock: from the end of the first step, minus evaluations
     with signals_to_flag() as stop, bar:
         while s.step < cfg.steps:
             for group in s.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, s.step)
+            before = [b.clone() for b in bn_stats]
             with torch.autocast(device.type, dtype, enabled=dtype is not None):
                 loss, terms, s.centres, s.seen = layermatch_step(model, net.fc, D, s.gen, s.centres, s.seen, cfg, B, uB)
             s.optimizer.zero_grad(set_to_none=True)
             s.scaler.scale(loss).backward()
             s.scaler.step(s.optimizer)  # with fp16, skips the update if a gradient overflowed: normal, not an error
             s.scaler.update()
-            ema_update(s.ema, net, cfg.ema)
+            average_running_stats(bn_stats, before, s.step)
+            ema_update(s.ema, net, ema_decay(cfg.ema, s.step))
             s.step += 1
             bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), s.step, bad_step)
             accumulate(s.stats, loss, terms)
-            clock.first_step_done(loss, s.step)
+            if t0 is None:
+                loss.item()  # wait for the first step (compilation, autotuning) once, then start the clock
+                t0, k0 = time.time(), s.step
 
             evaluating = s.step % cfg.eval_every == 0 or s.step == cfg.steps
             if s.step % LOG_EVERY and not evaluating and s.step != cfg.stop_at and not (stop and world == 1):
@@ -810,17 +854,19 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                 raise UserError(f"non-finite loss at step {int(bad)}; stopped. The last checkpoint in '{cfg.out}' "
                                 f"(step {s.history[-1]['step'] if s.history else 'none'}) is intact")
             row = read_stats(s.stats, cfg, s.step)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} |
-                            {"img/s": f"{clock.images_per_second(s.step, (B + 2 * uB * (cfg.algorithm != 'supervised')) * world):.0f}"})
             bar.update(s.step - bar.n)
+            images = (bar.format_dict["rate"] or 0) * (B + 2 * uB * (cfg.algorithm != "supervised")) * world
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} | {"img/s": f"{images:.0f}"})
             if evaluating:
-                with clock.paused():
-                    row["test_acc"] = evaluate(s.ema, D["test_x"], D["test_y"], D["normalize"]) if rank == 0 else math.nan
-                    s.history.append(row)
-                    s.stats.zero_()
-                    save_checkpoint(s, cfg, world, rank)
-                    if rank == 0:
-                        bar.write(evaluation_line(s.history))
+                busy -= time.time()
+                accs = evaluate(s.ema, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
+                row["test_acc"], row["centre_acc"] = accs if rank == 0 else (math.nan, math.nan)
+                s.history.append(row)
+                s.stats.zero_()
+                save_checkpoint(s, cfg, world, rank)
+                if rank == 0:
+                    bar.write(evaluation_line(s.history))
+                busy += time.time()
             if stopping:
                 save_checkpoint(s, cfg, world, rank)
                 raise Interrupted(stop[0] if stop else signal.SIGTERM, s.step)
@@ -828,50 +874,25 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                 if not evaluating:
                     save_checkpoint(s, cfg, world, rank)
                 break
-    return summarise(s, cfg, world, rank, device, clock, (B, uB * (cfg.algorithm != "supervised")))
-
-class Clock:
-    """Images/s for the bar, and steady-state steps/s for the summary: from the end of the first step
-    (compilation, autotuning) to the end, minus the time spent evaluating."""
-
-    def __init__(self, step):
-        self.tick, self.tick_step, self.start, self.start_step, self.busy = time.time(), step, None, step, 0.0
-
-    def first_step_done(self, loss, step):
-        if self.start is None:
-            loss.item()  # wait for the first step once; the only other sync is the logging
-            self.start, self.start_step = time.time(), step
-
-    def images_per_second(self, step, images_per_step):
-        now = time.time()
-        rate = (step - self.tick_step) * images_per_step / (now - self.tick)
-        self.tick, self.tick_step = now, step
-        return rate
-
-    @contextlib.contextmanager
-    def paused(self):
-        t = time.time()
-        yield
-        self.busy += time.time() - t
-
-    def steps_per_second(self, step):
-        steady = time.time() - self.start - self.busy if self.start else 0
-        return (step - self.start_step) / steady if steady > 0 else math.nan
+    steady = time.time() - t0 - busy if t0 else 0
+    return summarise(s, cfg, world, rank, device, (s.step - k0) / steady if steady > 0 else math.nan,
+                     (B, uB * (cfg.algorithm != "supervised")))
 
 def evaluation_line(history) -> str:
-    accs = [h["test_acc"] for h in history]
-    return (f"step {history[-1]['step']:>7} | test acc {accs[-1]:.2%} | median(last 20) {statistics.median(accs[-20:]):.2%}"
-            f" | best {max(accs):.2%} | mask {history[-1]['mask_rate']:.2f}")
+    accs, last = [h["test_acc"] for h in history], history[-1]
+    return (f"step {last['step']:>7} | test acc {accs[-1]:.2%} | median(last 20) {statistics.median(accs[-20:]):.2%}"
+            f" | best {max(accs):.2%} | nearest-centre acc {last['centre_acc']:.2%} | mask {last['mask_rate']:.2f}")
 
-def summarise(s: State, cfg: Config, world, rank, device, clock, batch) -> dict:
+def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batch) -> dict:
     """summary.json: the FixMatch paper's median of the last 20 evaluations, the best and the final one."""
     summary = dict(steps=s.step, finished=s.step == cfg.steps, device=str(device), world_size=world,
                    train_seconds=round(s.seconds + time.time() - s.started, 1),
-                   steps_per_second=clock.steps_per_second(s.step))
+                   steps_per_second=steps_per_second)
     if summary["finished"]:
-        accs = [h["test_acc"] for h in s.history]
+        accs, centre = [h["test_acc"] for h in s.history], [h["centre_acc"] for h in s.history]
         summary |= dict(test_acc_median_last20=statistics.median(accs[-20:]), test_acc_best=max(accs),
-                        test_acc_final=accs[-1], evaluations=len(accs))
+                        test_acc_final=accs[-1], evaluations=len(accs),
+                        centre_acc_median_last20=statistics.median(centre[-20:]), centre_acc_final=centre[-1])
     if world > 1:
         batches = [None] * world
         dist.all_gather_object(batches, list(batch))

@@ -8,7 +8,7 @@
 # 13.81 / 5.07 / 4.26 % on CIFAR-10 with 40 / 250 / 4000 labels and 48.85 / 28.29 / 22.60 % on CIFAR-100
 # with 400 / 2500 / 10000 labels; LayerMatch (arXiv 2406.14207) reports gains over FixMatch (see its
 # tables). We have not reproduced any of these yet (no GPU was available to us); see README "Results".
-# Expected time: 2^20 steps / (steps/s from `python layermatch.py --bench --device cuda`); see README.
+# Expected time: 2^20 steps / (steps/s from `python bench.py --device cuda`); see README.
 set -euo pipefail
 cd "$(dirname "$0")"
 for seed in 0 1 2; do
