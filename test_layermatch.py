@@ -109,6 +109,7 @@ def test_pseudo_label_threshold_and_argmax():
     assert mask.tolist() == [1.0, 0.0, 0.0]
     _, mask = lm.pseudo_label(z, 1.0)
     assert mask.tolist() == [0.0, 0.0, 0.0]
+    assert lm.pseudo_label(torch.zeros(1, 2), 0.5)[1].tolist() == [1.0]  # max p >= tau, equality included
 
 
 def test_consistent_needs_confidence_and_agreement():
@@ -437,7 +438,7 @@ def test_cli_smoke_run(tmp_path):
 def test_help_is_complete():
     r = run_cli("--help")
     assert r.returncode == 0
-    for f in ("--labels", "--grad-relu", "--lambda-ac", "--ac-momentum", "--resume", "--no-hflip", "--precision"):
+    for f in ("--labels", "--grad-relu", "--lambda-ac", "--ac-momentum", "--resume", "--no-hflip", "--precision", "--stages"):
         assert f in r.stdout
     assert "--bench" not in r.stdout  # the benchmark is bench.py
 
@@ -615,26 +616,40 @@ def weights(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
 
 
-def real_step(grad_relu, tmp_path):
-    """One layermatch_step on digits, an untrained net: every class has a centre, tau = 0.12 so that some pass."""
+def real_step(grad_relu, tmp_path, monkeypatch):
+    """One layermatch_step on digits, an untrained net: every class has a centre, tau = 0.12 so that some pass.
+    Spies check which slice of the one forward pass feeds which part of the method."""
     cfg = lm.resolve(lm.Config(**dict(SHORT, threshold=0.12), grad_relu=grad_relu, out=str(tmp_path / "u")), False)
     D = lm.to_device(lm.load_digits(), cfg, torch.device("cpu"), torch.contiguous_format)
     torch.manual_seed(0)
     net = lm.WideResNet(10, 10, 1, in_channels=1)
     centres = F.normalize(torch.randn(10, net.fc.in_features), dim=1)
-    loss, terms, new_centres, _ = lm.layermatch_step(net, net.fc, D, torch.Generator().manual_seed(0), centres,
+    calls, outputs = {}, []
+    for name in ("pseudo_label", "grad_relu_logits", "consistent", "weak_augment", "strong_augment"):
+        real = getattr(lm, name)
+        spy = lambda *a, real=real, name=name: calls.setdefault(name, []).append([*a, real(*a)]) or calls[name][-1][-1]
+        monkeypatch.setattr(lm, name, spy)
+    model = lambda x: outputs.append(net(x)) or outputs[-1]
+    loss, terms, new_centres, _ = lm.layermatch_step(model, net.fc, D, torch.Generator().manual_seed(0), centres,
                                                      torch.ones(10, dtype=torch.bool), cfg, 8, 16)
     assert terms["mask"] > 0 and terms["L_u"] > 0 and terms["L_ac"] > 0 and not torch.equal(new_centres, centres)
+    (z, f), = outputs  # one forward pass over [8 labeled, 16 weak, 16 strong]
+    assert torch.equal(calls["pseudo_label"][0][0], z[8:24])  # pseudo-labels from the weak view
+    assert torch.equal(calls["grad_relu_logits"][0][0], f[24:])  # the pseudo-label loss on the strong view
+    assert torch.equal(calls["consistent"][0][1], z[24:])  # consistency: the strong view's prediction
+    _, (u, _, _, weak), (u_again, _, _, own_weak) = calls["weak_augment"]  # labeled, weak view, strong's own
+    assert torch.equal(u, u_again) and torch.equal(calls["strong_augment"][0][0], own_weak)
+    assert not torch.equal(own_weak, weak)  # the strong view draws its own flip and crop
     grad = lambda term, p: torch.autograd.grad(term, p, retain_graph=True)[0]
     stem = net.features[0].weight
     return grad(loss, net.fc.weight), grad(terms["L_s"], net.fc.weight), grad(loss, stem), grad(terms["L_s"], stem)
 
 
-def test_in_a_real_step_the_head_learns_from_labels_only(tmp_path):
-    head, head_s, stem, stem_s = real_step("zero", tmp_path)
+def test_in_a_real_step_the_head_learns_from_labels_only(tmp_path, monkeypatch):
+    head, head_s, stem, stem_s = real_step("zero", tmp_path, monkeypatch)
     torch.testing.assert_close(head, head_s, rtol=0, atol=0)  # Grad-ReLU: the head gets the gradient of L_s alone
     assert not torch.allclose(stem, stem_s)  # while pseudo-labels and Avg-Clustering reach the features
-    head, head_s, _, _ = real_step("off", tmp_path)
+    head, head_s, _, _ = real_step("off", tmp_path, monkeypatch)
     assert not torch.allclose(head, head_s)  # FixMatch: pseudo-labels train the head too
 
 
