@@ -361,22 +361,12 @@ def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Network: pre-activation WideResNet as in the FixMatch ports, features() and fc kept apart.
 
-BN_MOMENTUM = 0.001  # FixMatch's BatchNorm momentum m, applied by average_running_stats (below)
+BN_MOMENTUM = 0.001  # FixMatch's BatchNorm momentum m, applied by average_running_stats
 
 def BatchNorm(channels):
     """Momentum 1: after a training forward the buffers hold that batch's statistics, which the loop averages
     with a warmed-up momentum. Setting the momentum per step instead would recompile a torch.compile'd model."""
     return nn.BatchNorm2d(channels, momentum=1.0)
-
-@torch.no_grad()
-def average_running_stats(stats: list, before: list, step: int):
-    """BatchNorm running statistics with momentum max(m, 1/(k+1)) at step k: a cumulative average first, so
-    that short runs evaluate with true statistics, then FixMatch's m = 0.001 from step 1000 on."""
-    torch._foreach_lerp_(stats, before, 1 - max(BN_MOMENTUM, 1 / (step + 1)))
-
-def running_stats(model: nn.Module) -> list:
-    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            for b in (m.running_mean, m.running_var)]
 
 class Block(nn.Module):
     def __init__(self, c_in, c_out, stride, activate_before_residual=False):
@@ -530,6 +520,17 @@ def ema_decay(d: float, step: int) -> float:
     """Warmed up as TensorFlow's num_updates and timm do: early evaluations average the recent weights, not
     the random initialisation (a 0.999 EMA remembers it for thousands of steps)."""
     return min(d, (1 + step) / (10 + step))
+
+def running_stats(model: nn.Module) -> list:
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var)]
+
+@torch.no_grad()
+def average_running_stats(stats: list, before: list, step: int):
+    """BatchNorm running statistics with momentum max(m, 9/(10+k)) at step k: the EMA's warm-up, so that they
+    describe the same recent weights as the EMA they are evaluated with (FixMatch's m = 0.001 from step ~9000).
+    A cumulative average, momentum max(m, 1/(k+1)), keeps statistics of early weights: README, "Averages"."""
+    torch._foreach_lerp_(stats, before, ema_decay(1 - BN_MOMENTUM, step))
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float):
