@@ -460,7 +460,7 @@ def test_layermatch_beats_supervised_on_digits(tmp_path):
     semi = lm.train(lm.Config(**common, out=str(tmp_path / "lm")))
     sup = lm.train(lm.Config(**common, algorithm="supervised", out=str(tmp_path / "sup")))
     print(f"digits, 300 steps: layermatch {semi['test_acc_final']:.3f}, supervised {sup['test_acc_final']:.3f}")
-    assert semi["test_acc_final"] > sup["test_acc_final"] + 0.10
+    assert semi["test_acc_final"] > sup["test_acc_final"] + 0.08  # measured: 0.920 vs 0.792
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,14 +701,14 @@ def test_logged_terms_per_algorithm(tmp_path):
 
 def test_training_through_the_accelerator_paths_matches_the_cpu_paths(tmp_path, monkeypatch):
     """fp32 through the torch.where augmentation and fused SGD: the same images (bit-identical, tested above),
-    so the same run up to the fused optimizer's rounding (it orders the Nesterov update differently). With
-    tau = 0.95 no pseudo-label decision amplifies that rounding within 12 steps."""
+    so the same run up to the fused optimizer's rounding (it orders the Nesterov update differently; bit-identical
+    with 2 threads here, ~1e-7 apart with 1). With tau = 0.95 no pseudo-label decision amplifies it in 12 steps."""
     common = dict(SHORT, threshold=0.95, steps=12, eval_every=6)
     lm.train(lm.Config(**common, out=str(tmp_path / "cpu")))
     monkeypatch.setattr(lm, "_FORCE_ACCELERATOR_PATHS", True)
     lm.train(lm.Config(**common, out=str(tmp_path / "acc")))
     a, b = weights(tmp_path / "cpu"), weights(tmp_path / "acc")
-    assert not torch.equal(a["model"]["fc.weight"], b["model"]["fc.weight"])  # fused SGD did run
+    assert b["optimizer"]["param_groups"][0]["fused"] and not a["optimizer"]["param_groups"][0]["fused"]
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-5)
     assert [h["test_acc"] for h in a["history"]] == [h["test_acc"] for h in b["history"]]
