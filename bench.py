@@ -8,7 +8,7 @@ Prints, for this device and config, on synthetic uint8 images of the dataset's s
 throughput ((weak, strong) pairs per second) against the same recipe run per image on PIL with
 torchvision transforms (what the classic implementations do in DataLoader workers), with one thread
 each and with all threads; then the full training step in our configuration against the same model in
-plain NCHW fp32. Every ratio ends its line as N.Nx.
+plain NCHW fp32. Every ratio ends its line as N.Nx. It also estimates the run's device memory.
 """
 import contextlib
 import dataclasses
@@ -61,6 +61,30 @@ def seconds_per_call(fn, device, min_seconds=2.0):
     return (time.time() - start) / calls
 
 
+DATASET_SIZES = {"cifar10": (60000, 10), "cifar100": (60000, 100), "svhn": (99289, 10), "stl10": (113000, 10)}  # images
+
+
+def memory_estimate(cfg: lm.Config, C: int, S: int) -> str:
+    """Device memory of a training run, measured on the CPU: the dataset as uint8, fp32 weights + gradients
+    + momentum + EMA, and the activations one step saves for backward (saved-tensor hooks, bf16 autocast,
+    8 images scaled to the step's batch). A GPU adds allocator slack, workspaces and its context."""
+    n_images, classes = DATASET_SIZES.get(cfg.dataset, (0, 10))
+    net = lm.WideResNet(classes, cfg.depth, cfg.widen, C, cfg.stages).to(memory_format=torch.channels_last)
+    storages = {}  # each saved storage once: several ops save the same tensor
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        net(torch.randn(8, C, S, S).contiguous(memory_format=torch.channels_last))
+    data = n_images * C * S * S / 1e9
+    state = 4 * 4 * sum(p.numel() for p in net.parameters()) / 1e9
+    activations = sum(storages.values()) / 8 * cfg.batch_size * (1 + 2 * cfg.uratio) / 1e9
+    total = data + state + activations
+    return (f"device memory estimate (measured on this CPU, bf16/fp16 activations): data {data:.2f} GB + weights, "
+            f"grads, momentum, EMA {state:.2f} GB + activations {activations:.2f} GB = {total:.1f} GB")
+
+
 def bench(cfg: lm.Config):
     device, threads = lm.pick_device(cfg.device, 0), torch.get_num_threads()
     C, S = {"digits": (1, 8), "stl10": (3, 96)}.get(cfg.dataset, (3, 32))
@@ -69,6 +93,7 @@ def bench(cfg: lm.Config):
     x = torch.randint(0, 256, (max(1024, B + uB), C, S, S), dtype=torch.uint8, generator=g)
     y = torch.arange(len(x)) % 10
     print(f"device {device}, torch {torch.__version__}, {threads} threads, dataset shape {C}x{S}x{S}, B={B}, muB={uB}")
+    print(memory_estimate(cfg, C, S))
 
     gen, x_l, x_u = torch.Generator(device).manual_seed(0), x[:B].to(device), x[:uB].to(device)
     weak = lambda v: lm.weak_augment(v, gen, cfg.hflip)

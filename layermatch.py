@@ -499,8 +499,8 @@ def layermatch_step(model, head, data, gen, centres, seen, cfg, B, uB):
         loss, terms = layermatch_loss(z_l, y, None, None, None, None, centres, seen, 0, 0)
         return loss, terms, *avg_clustering_step(f_l, y, torch.ones_like(y), centres, seen, alpha)
     i_u = torch.randint(len(data["x_u"]), (uB,), device=dev, generator=gen)
-    x_w = weak_augment(data["x_u"][i_u], gen, cfg.hflip)
-    x_s = strong_augment(weak_augment(data["x_u"][i_u], gen, cfg.hflip), gen)  # its own flip and crop
+    u = data["x_u"][i_u]
+    x_w, x_s = weak_augment(u, gen, cfg.hflip), strong_augment(weak_augment(u, gen, cfg.hflip), gen)  # own crop
     z, f = model(normalize(torch.cat([x_l, x_w, x_s])))  # one pass: BatchNorm sees [labeled, weak, strong]
     z_l, z_w, z_s = z.split([B, uB, uB])
     f_l, f_w, f_s = f.split([B, uB, uB])
