@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -56,16 +57,22 @@ def arg(default, help, **kw):
 @dataclass
 class Config:
     # run
-    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | stl10 | digits (offline); any name with train(data=...)")
+    dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | stl10 | digits (offline) | folder (your images in "
+                                  "--data-dir: train/<class>/, test/<class>/, optional unlabeled/); any name with "
+                                  "train(data=...)")
     labels: int = arg(40, "number of labeled training images, class-balanced")
     algorithm: str = arg("layermatch", "what to train", choices=["layermatch", "fixmatch", "supervised"])
     seed: int = arg(0, "seeds the labeled subset, the initialisation, sampling and augmentation")
-    data_dir: str = arg("./data", "where torchvision datasets are (or get downloaded to)")
-    out: str = arg("", "output folder (default: runs/<dataset>@<labels>-<algorithm>-s<seed>)")
+    data_dir: str = arg("./data", "where torchvision datasets are (or get downloaded to); --dataset folder: the "
+                                  "folder of your images", metavar="DIR")
+    image_size: int = arg(32, "--dataset folder: every image is resized to SIZE x SIZE pixels")
+    out: str = arg("", "output folder (default: runs/<dataset>@<labels>-<algorithm>-s<seed>)", metavar="DIR")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     overwrite: bool = arg(False, "delete an existing --out and start afresh")
     stop_at: int = arg(0, "checkpoint and stop after this step (split a run into time-limited jobs); 0 = off")
     device: str = arg("auto", "auto | cuda | cpu | mps")
+    tensorboard: bool = arg(False, "write learning curves to <out>/tb for `tensorboard --logdir runs` "
+                                   "(needs: pip install tensorboard)")
     # FixMatch recipe (None = per-dataset default, see DATASET_DEFAULTS)
     steps: int | None = arg(None, "training steps K (default 2^20; digits 1500)")
     batch_size: int | None = arg(None, "labeled batch B, global over all processes (default 64; digits 16)")
@@ -93,11 +100,16 @@ class Config:
                                 choices=["bf16", "fp16", "fp32"])
     channels_last: bool = arg(True, "channels_last memory format (faster convolutions on GPUs and recent CPUs)")
     compile: bool = arg(False, "torch.compile the model")
+    # instead of training
+    evaluate: bool = arg(False, "report the test accuracy of the run in --out (EMA and live model), then exit")
+    table: str = arg("", "print the results table of the finished runs (summary.json) below DIR, then exit",
+                     metavar="DIR")
 
 DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
     "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False),
     "stl10": dict(stages=4),  # WRN-37-2, as the FixMatch paper (USB's wrn_var_37_2)
     "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False),
+    "folder": dict(),
 }
 BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, stages=3, weight_decay=5e-4, ema=0.999,
                      hflip=True, threshold=0.95, lambda_u=1.0)
@@ -132,8 +144,8 @@ def parse_args(argv=None) -> Config:
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, **meta)
         else:
-            metavar = None if "choices" in meta else kind.__name__.upper()
-            p.add_argument(flag, type=kind, default=f.default, metavar=metavar, **meta)
+            meta.setdefault("metavar", None if "choices" in meta else kind.__name__.upper())
+            p.add_argument(flag, type=kind, default=f.default, **meta)
     return Config(**vars(p.parse_args(argv)))
 
 def resolve(cfg: Config, user_data: bool) -> Config:
@@ -191,6 +203,8 @@ def load_data(cfg: Config) -> dict:
     """Returns dict(train_x, train_y, test_x, test_y, unlabeled_x or None); downloads if needed."""
     if cfg.dataset == "digits":
         return load_digits()
+    if cfg.dataset == "folder":
+        return load_folder(cfg.data_dir, cfg.image_size)
     import torchvision.datasets as D
     nhwc = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # CIFAR stores [N, H, W, C]
     root = cfg.data_dir
@@ -199,7 +213,7 @@ def load_data(cfg: Config) -> dict:
             cls = D.CIFAR10 if cfg.dataset == "cifar10" else D.CIFAR100
             tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
             return dict(train_x=nhwc(tr.data), train_y=torch.tensor(tr.targets), test_x=nhwc(te.data),
-                        test_y=torch.tensor(te.targets), unlabeled_x=None)
+                        test_y=torch.tensor(te.targets), unlabeled_x=None, classes=tr.classes)
         svhn = cfg.dataset == "svhn"
         cls, splits = (D.SVHN, ("train", "test")) if svhn else (D.STL10, ("train", "test", "unlabeled"))
         sets = [cls(root, split=s, download=True) for s in splits]
@@ -211,28 +225,87 @@ def load_data(cfg: Config) -> dict:
         raise UserError(f"could not load {cfg.dataset} from '{root}' ({reason}). Without internet, put "
                         f"{DOWNLOAD_HINTS[cfg.dataset]} into '{root}' or pass --data-dir") from None
 
+def read_images(paths: list, size: int, desc: str):
+    """Image files -> (uint8 [N, 3, size, size], whether every one was grayscale). Each is read once."""
+    from PIL import Image
+    images, gray = [], True
+    for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < 1000, leave=False):
+        try:
+            with Image.open(path) as im:
+                gray &= im.mode in ("1", "L", "LA", "I", "I;16", "F")
+                images.append(TF.pil_to_tensor(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)))
+        except (OSError, ValueError) as e:  # not an image, truncated, unsupported format
+            raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
+    return torch.stack(images), gray
+
+def load_folder(root: str, size: int) -> dict:
+    """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* with the same
+    class names, and optionally root/unlabeled/ with images in any sub-folders. 1 channel if every image is
+    grayscale, else RGB."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
+
+    def labeled(split, class_to_idx=None):
+        path = os.path.join(root, split)
+        try:
+            classes, own = find_classes(path)
+            unknown = [c for c in classes if class_to_idx is not None and c not in class_to_idx]
+            if unknown:
+                raise UserError(f"the test class '{unknown[0]}' in '{path}' is not a folder of '{root}/train'")
+            return classes, make_dataset(path, class_to_idx or own, IMG_EXTENSIONS)
+        except FileNotFoundError as e:  # no folder, no class folders, a class without images
+            raise UserError(f"--dataset folder: {e} (expected '{path}/<class>/<image>')") from None
+    classes, train = labeled("train")
+    _, test = labeled("test", {c: i for i, c in enumerate(classes)})
+    extra = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, "unlabeled")) for f in files
+                   if has_file_allowed_extension(f, IMG_EXTENSIONS))
+    if os.path.isdir(os.path.join(root, "unlabeled")) and not extra:
+        raise UserError(f"--dataset folder: no images in '{os.path.join(root, 'unlabeled')}'")
+    splits = [read_images([p for p, _ in train], size, "train"), read_images([p for p, _ in test], size, "test")]
+    splits += [read_images(extra, size, "unlabeled")] if extra else []
+    gray = all(g for _, g in splits)
+    x = [images[:, :1] if gray else images for images, _ in splits]
+    label = lambda samples: torch.tensor([k for _, k in samples])
+    return dict(train_x=x[0], train_y=label(train), test_x=x[1], test_y=label(test),
+                unlabeled_x=x[2] if extra else None, classes=classes)
+
 def check_data(data: dict):
-    """Validate user-supplied tensors so that mistakes are one clear line, not a shape error at step 1."""
+    """Validate the data (user tensors especially) so that mistakes are one clear line before any work starts."""
+    keys = ("train_x", "train_y", "test_x", "test_y", "unlabeled_x", "classes")
+    if not isinstance(data, dict) or not set(data) <= set(keys):
+        raise UserError(f"data must be a dict with keys {', '.join(keys[:4])} and optionally unlabeled_x "
+                        f"(more images, no labels) and classes (names)")
     for split in ("train", "test"):
         x, y = data.get(f"{split}_x"), data.get(f"{split}_y")
-        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4):
-            raise UserError(f"data['{split}_x'] must be a uint8 tensor [N, C, H, W]")
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4 and len(x)):
+            raise UserError(f"data['{split}_x'] must be a uint8 tensor [N, C, H, W] with N >= 1")
         if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.shape == (len(x),)):
             raise UserError(f"data['{split}_y'] must be an int64 tensor [N] matching data['{split}_x']")
     u, shape = data.get("unlabeled_x"), data["train_x"].shape[1:]
-    if data["test_x"].shape[1:] != shape or (u is not None and (u.dtype != torch.uint8 or u.shape[1:] != shape)):
+    same = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 4 and t.shape[1:] == shape
+    if not same(data["test_x"]) or (u is not None and not same(u)):
         raise UserError(f"all image tensors must be uint8 of the train images' shape [N, {', '.join(map(str, shape))}]")
-    if data["train_y"].min() < 0:
-        raise UserError("labels must be 0..num_classes-1")
+    if shape[0] not in (1, 3) or min(shape[1:]) < 2:
+        raise UserError(f"images must have 1 (grayscale) or 3 (RGB) channels, as RandAugment's colour ops need, and "
+                        f"at least 2x2 pixels (got [N, {', '.join(map(str, shape))}])")
+    num_classes = int(data["train_y"].max()) + 1
+    if min(data["train_y"].min(), data["test_y"].min()) < 0 or num_classes < 2:
+        raise UserError("labels must be 0..num_classes-1, with at least 2 classes")
+    if data["test_y"].max() >= num_classes:
+        raise UserError(f"test label {int(data['test_y'].max())} is not a training class (training labels are "
+                        f"0..{num_classes - 1}): its images would count as wrong whatever the model predicts")
+    names = data.get("classes")
+    if names is not None and (not isinstance(names, (list, tuple)) or len(names) != num_classes):
+        raise UserError(f"data['classes'] must be a list of {num_classes} class names, one per training label")
 
-def labeled_subset(y: torch.Tensor, n_labels: int, num_classes: int, seed: int) -> torch.Tensor:
+def labeled_subset(y: torch.Tensor, n_labels: int, num_classes: int, seed: int, names=None) -> torch.Tensor:
     """Indices of a class-balanced labeled subset: n_labels / num_classes images of every class."""
     if n_labels % num_classes:
         raise UserError(f"--labels {n_labels} is not divisible by the {num_classes} classes")
     per_class, counts = n_labels // num_classes, torch.bincount(y, minlength=num_classes)
     if per_class > counts.min():
+        k = counts.argmin().item()
         raise UserError(f"--labels {n_labels} asks for {per_class} per class, but class "
-                        f"{counts.argmin().item()} has only {counts.min().item()} training images")
+                        f"{repr(names[k]) if names else k} has only {counts.min().item()} training images")
     g = torch.Generator().manual_seed(seed)
     picks = [(y == k).nonzero().squeeze(1) for k in range(num_classes)]
     return torch.cat([idx[torch.randperm(len(idx), generator=g)[:per_class]] for idx in picks])
@@ -587,6 +660,7 @@ def prepare_out(cfg: Config):
             for name in ("checkpoint.pt", "metrics.csv", "summary.json"):
                 if os.path.exists(os.path.join(cfg.out, name)):
                     os.remove(os.path.join(cfg.out, name))
+            shutil.rmtree(os.path.join(cfg.out, "tb"), ignore_errors=True)  # the old run's curves
         os.makedirs(cfg.out, exist_ok=True)
         write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
     except OSError as e:
@@ -598,7 +672,7 @@ def check_resumable(cfg: Config, saved: dict):
         if saved[k] != getattr(cfg, k):
             raise UserError(f"cannot resume: the checkpoint has --{k} {saved[k]}, this command --{k} {getattr(cfg, k)}")
     changed = [f"{k} {saved[k]} -> {v}" for k, v in dataclasses.asdict(cfg).items()
-               if k in saved and saved[k] != v and k not in ("resume", "overwrite", "stop_at")]
+               if k in saved and saved[k] != v and k not in ("resume", "overwrite", "stop_at", "tensorboard")]
     if changed:
         print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
 
@@ -684,6 +758,7 @@ class State:
     centres: torch.Tensor  # Avg-Clustering c_k [K, d] and which classes have one
     seen: torch.Tensor
     stats: torch.Tensor  # running sums of STATS since the last evaluation, on the device
+    inputs: dict  # what the model needs for inference (normalisation, image shape, class names): from the data
     step: int = 0
     history: list = field(default_factory=list)  # one row per evaluation, as in metrics.csv
     seconds: float = 0.0  # training time before this process started
@@ -697,7 +772,7 @@ def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
         state = dict(model=s.model.state_dict(), ema=s.ema.state_dict(), optimizer=s.optimizer.state_dict(),
                      scaler=s.scaler.state_dict(), generators=gens, centres=s.centres, seen=s.seen, stats=s.stats,
                      step=s.step, history=s.history, seconds=s.seconds + time.time() - s.started,
-                     config=dataclasses.asdict(cfg))
+                     config=dataclasses.asdict(cfg), inputs=s.inputs)
         atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda fh: torch.save(state, fh))
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(s.history[0]) if s.history else ["step"])
@@ -705,13 +780,18 @@ def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
         writer.writerows(s.history)
         write_text(os.path.join(cfg.out, "metrics.csv"), text.getvalue())
 
-def restore_checkpoint(s: State, cfg: Config, world: int, rank: int):
-    path = os.path.join(cfg.out, "checkpoint.pt")
+def read_checkpoint(out: str) -> dict:
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise UserError(f"there is no checkpoint.pt in '{out}'")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
                         "it was left untouched: move it away or start again with --overwrite") from None
+
+def restore_checkpoint(s: State, cfg: Config, world: int, rank: int):
+    ck = read_checkpoint(cfg.out)
     check_resumable(cfg, ck["config"])
     if len(ck["generators"]) != world:
         raise UserError(f"cannot resume: the checkpoint is from {len(ck['generators'])} processes, this has {world}")
@@ -756,14 +836,14 @@ def accumulate(stats: torch.Tensor, loss, terms):
     stats += torch.stack([loss.detach().float()] + [terms.get(k, zero).detach().float() for k in STATS[1:-1]]
                          + [torch.ones((), device=stats.device)])
 
-def read_stats(stats: torch.Tensor, cfg: Config, step: int) -> dict:
-    """The log row for the steps since the last evaluation (one host sync)."""
-    s = dict(zip(STATS, stats.tolist()))
+def stats_row(sums: list, cfg: Config, step: int) -> dict:
+    """Averages of the STATS sums (read from the device: one host sync) over the steps they cover."""
+    s = dict(zip(STATS, sums))
     n = max(s["steps"], 1)
     return dict(step=step, lr=learning_rate(cfg, step - 1), **{k: s[k] / n for k in STATS[:4]},
                 mask_rate=s["mask"] / n, pl_acc=s["pl_correct"] / max(s["pl_known"], 1))
 
-def to_device(data: dict, cfg: Config, device, fmt) -> dict:
+def to_device(data: dict, labeled: torch.Tensor, cfg: Config, device, fmt) -> dict:
     """The dataset on the training device as uint8, the labeled subset, and the normalisation."""
     extra = data.get("unlabeled_x")  # concatenated on the host: only one copy ever reaches the device
     x_u = (data["train_x"] if extra is None else torch.cat([data["train_x"], extra])).to(device)
@@ -772,10 +852,30 @@ def to_device(data: dict, cfg: Config, device, fmt) -> dict:
     channels = data["train_x"].transpose(0, 1).reshape(data["train_x"].shape[1], -1)
     mean = torch.stack([c.float().mean() for c in channels]).view(1, -1, 1, 1).to(device)
     std = torch.stack([c.float().std() for c in channels]).view(1, -1, 1, 1).to(device)
+    names = list(data.get("classes") or map(str, range(num_classes)))
     return dict(x=x_u[:len(y)], y=y, x_u=x_u, y_u=torch.cat([y, y.new_full((len(x_u) - len(y),), -1)]),
-                labeled=labeled_subset(data["train_y"], cfg.labels, num_classes, cfg.seed).to(device),
+                labeled=labeled.to(device),
                 test_x=data["test_x"].to(device), test_y=data["test_y"].to(device), num_classes=num_classes,
-                normalize=lambda x: ((x.float() - mean) / std).contiguous(memory_format=fmt))
+                normalize=lambda x: ((x.float() - mean) / std).contiguous(memory_format=fmt),
+                inputs=dict(mean=mean.cpu(), std=std.cpu(), shape=tuple(data["train_x"].shape[1:]), classes=names))
+
+LONG_RUN = 86400  # seconds: a run projected to take longer gets a note on how to shorten it
+
+def projection_note(seconds: float, steps: int, device: torch.device) -> str:
+    ways = "fewer --steps, or --stop-at to split it into jobs"
+    if device.type == "cpu":
+        ways = "--dataset digits (the CPU demo), fewer --steps, --precision bf16 on CPUs with native bf16 " \
+               "(AVX512-BF16 or AMX), or a CUDA GPU"
+    return f"note: at the speed of the first steps, this run's {steps} steps take about {seconds / 86400:.1f} days; " \
+           f"for a shorter run: {ways}"
+
+def tensorboard_writer():
+    """--tensorboard: tensorboard is an optional package, imported only when asked for."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 def make_optimizer(net: nn.Module, cfg: Config, device) -> torch.optim.SGD:
     """SGD with Nesterov momentum; weight decay on conv and linear weights only (not BatchNorm, biases)."""
@@ -790,18 +890,20 @@ def make_optimizer(net: nn.Module, cfg: Config, device) -> torch.optim.SGD:
 def train(cfg: Config, data: dict | None = None) -> dict:
     """Train, evaluate and checkpoint one run; returns the summary (also written to summary.json)."""
     cfg = resolve(cfg, data is not None)
+    SummaryWriter = tensorboard_writer() if cfg.tensorboard else None
     rank, world, device = setup_processes(cfg)
     cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
     torch.backends.cudnn.benchmark = device.type == "cuda"
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    def load(first):  # rank 0 first: it downloads; the output folder only once the data is there
+    def load(first):  # rank 0 first: it downloads; the output folder only once the data and --labels are fine
         d = load_data(cfg) if data is None else data
         check_data(d)
+        labeled = labeled_subset(d["train_y"], cfg.labels, int(d["train_y"].max()) + 1, cfg.seed, d.get("classes"))
         if first:
             prepare_out(cfg)
-        return d
-    D = to_device(rank_zero_first(world, rank, load), cfg, device, fmt)
+        return d, labeled
+    D = to_device(*rank_zero_first(world, rank, load), cfg, device, fmt)
 
     torch.manual_seed(cfg.seed)  # the same initialisation on every process
     net = WideResNet(D["num_classes"], cfg.depth, cfg.widen, D["x"].shape[1], cfg.stages)
@@ -813,7 +915,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     s = State(net, copy.deepcopy(net).requires_grad_(False), make_optimizer(net, cfg, device),
               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),  # fp16 gradients underflow unscaled
               torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank), centres,
-              torch.zeros(D["num_classes"], dtype=torch.bool, device=device), torch.zeros(len(STATS), device=device))
+              torch.zeros(D["num_classes"], dtype=torch.bool, device=device), torch.zeros(len(STATS), device=device),
+              D["inputs"])
     if cfg.resume:
         restore_checkpoint(s, cfg, world, rank)
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
@@ -823,8 +926,12 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     bn_stats = running_stats(net)
     bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite
     bar = tqdm(total=cfg.steps, initial=s.step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
+    # Resumed curves continue where the checkpoint was: TensorBoard drops points logged after it (purge_step)
+    tb = SummaryWriter(os.path.join(cfg.out, "tb"), purge_step=s.step + 1) if SummaryWriter and rank == 0 else None
+    logged = s.stats.tolist()  # the sums at the last log: TensorBoard gets each log's own window
     t0, k0, busy = None, s.step, 0.0  # steady-state clock: from the end of the first step, minus evaluations
-    with signals_to_flag() as stop, bar:
+    projected = False
+    with signals_to_flag() as stop, bar, tb or contextlib.nullcontext():
         while s.step < cfg.steps:
             for group in s.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, s.step)
@@ -854,16 +961,31 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             if bad >= 0:
                 raise UserError(f"non-finite loss at step {int(bad)}; stopped. The last checkpoint in '{cfg.out}' "
                                 f"(step {s.history[-1]['step'] if s.history else 'none'}) is intact")
-            row = read_stats(s.stats, cfg, s.step)
+            sums = s.stats.tolist()
+            row = stats_row(sums, cfg, s.step)  # since the last evaluation, as metrics.csv
             bar.update(s.step - bar.n)
             images = (bar.format_dict["rate"] or 0) * (B + 2 * uB * (cfg.algorithm != "supervised")) * world
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} | {"img/s": f"{images:.0f}"})
+            if tb:
+                window = stats_row([a - b for a, b in zip(sums, logged)], cfg, s.step) | dict(images_per_s=images)
+                for k, v in window.items():
+                    if k != "step":
+                        tb.add_scalar(f"train/{k}", v, s.step)
+            logged = sums
+            if rank == 0 and not projected and s.step > k0:  # the speed of the first steps, once
+                projected, seconds = True, (cfg.steps - s.step) * (time.time() - t0 - busy) / (s.step - k0)
+                if seconds > LONG_RUN:
+                    bar.write(projection_note(seconds, cfg.steps, device))
             if evaluating:
                 busy -= time.time()
                 accs = evaluate(s.ema, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
                 row["test_acc"], row["centre_acc"] = accs if rank == 0 else (math.nan, math.nan)
+                if tb:
+                    tb.add_scalar("test/acc", accs[0], s.step)  # the EMA model's, as metrics.csv
+                    tb.add_scalar("test/nearest_centre_acc", accs[1], s.step)
                 s.history.append(row)
                 s.stats.zero_()
+                logged = [0.0] * len(STATS)
                 save_checkpoint(s, cfg, world, rank)
                 if rank == 0:
                     bar.write(evaluation_line(s.history))
@@ -907,11 +1029,104 @@ def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batc
     return summary
 
 # ---------------------------------------------------------------------------------------------
+# Using a trained model; results of many runs
+
+class Classifier(nn.Module):
+    """A trained network with its input normalisation: uint8 images [N, C, H, W] in, logits out."""
+
+    def __init__(self, net: WideResNet, inputs: dict, config: dict, step: int):
+        super().__init__()
+        self.net, self.classes, self.shape = net, inputs["classes"], inputs["shape"]
+        self.config, self.step = config, step  # the run's settings, and the step the weights are from
+        self.register_buffer("mean", inputs["mean"])
+        self.register_buffer("std", inputs["std"])
+
+    def forward(self, x):
+        return self.net((x.float() - self.mean) / self.std)[0]
+
+def load(out: str, which: str = "ema", device: str = "cpu") -> Classifier:
+    """The model of a finished or interrupted run, ready for inference: which="ema", the averaged weights that
+    every reported accuracy comes from, or "model", the live weights of the last step."""
+    ck = read_checkpoint(out)
+    cfg, inputs = ck["config"], ck["inputs"]
+    net = WideResNet(len(inputs["classes"]), cfg["depth"], cfg["widen"], inputs["shape"][0], cfg["stages"])
+    net.load_state_dict(ck[which])
+    return Classifier(net, inputs, cfg, ck["step"]).to(device).eval().requires_grad_(False)
+
+@torch.no_grad()
+def predict(model: Classifier, images: torch.Tensor, batch: int = 1024):
+    """(classes [N] int64, probabilities [N, num_classes]) for uint8 images of the training images' shape
+    [N, C, H, W]; the names are model.classes[i]. Images of your own files: read_images(paths, size)."""
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == model.shape):
+        raise UserError(f"predict needs uint8 images [N, {', '.join(map(str, model.shape))}], as the model was "
+                        f"trained on (got {getattr(images, 'dtype', type(images).__name__)} "
+                        f"{list(getattr(images, 'shape', []))})")
+    device = model.mean.device
+    probs = torch.cat([model(images[i:i + batch].to(device)).float().softmax(1) for i in range(0, len(images), batch)])
+    return probs.argmax(1), probs
+
+def evaluate_run(cfg: Config):
+    """--evaluate: test accuracy of the EMA and the live model of the run in --out, without training."""
+    device = pick_device(cfg.device, 0)
+    ema, live = load(cfg.out, "ema", device), load(cfg.out, "model", device)
+    saved = Config(**{k: v for k, v in ema.config.items() if k in {f.name for f in dataclasses.fields(Config)}})
+    if saved.dataset not in DATASET_DEFAULTS:
+        raise UserError(f"'{cfg.out}' was trained on tensors given to train(): evaluate it from Python with "
+                        f"predict(load('{cfg.out}'), test_x)")
+    if cfg.data_dir != Config.data_dir:  # the data moved since training
+        saved = dataclasses.replace(saved, data_dir=cfg.data_dir)
+    data = load_data(saved)
+    hits = [(predict(m, data["test_x"])[0].cpu() == data["test_y"]).sum().item() for m in (ema, live)]
+    accs = [h / len(data["test_y"]) for h in hits]
+    print(f"{cfg.out}: step {ema.step} of {saved.steps}, {len(data['test_y'])} test images: "
+          f"test accuracy {accs[0]:.2%} (EMA model, as reported in training), {accs[1]:.2%} (live model)")
+    return accs
+
+# What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment
+NOT_IN_TABLE = ("seed", "out", "data_dir", "resume", "overwrite", "stop_at", "device", "tensorboard", "precision",
+                "channels_last", "compile", "evaluate", "table")
+
+def results_table(root: str) -> str:
+    """--table: per algorithm (rows) and dataset@labels (columns), mean ± std over seeds of the test accuracy,
+    the median of the last 20 evaluations (and the best), from every summary.json below root. Runs that differ
+    from the recipe's defaults get their own row, labelled with what differs."""
+    cells = {}
+    for folder, _, files in sorted(os.walk(root)):
+        if "summary.json" in files and "config.json" in files:
+            with open(os.path.join(folder, "config.json")) as fh, open(os.path.join(folder, "summary.json")) as fs:
+                cfg, summary = json.load(fh), json.load(fs)
+            default = dataclasses.asdict(resolve(Config(dataset=cfg["dataset"], algorithm=cfg["algorithm"]), True))
+            row = " ".join([cfg["algorithm"]] + [f"{k}={v}" for k, v in cfg.items()
+                                                 if k not in NOT_IN_TABLE + IDENTITY and default.get(k) != v])
+            cells.setdefault((row, f"{cfg['dataset']}@{cfg['labels']}"), []).append(
+                (summary["test_acc_median_last20"], summary["test_acc_best"]))
+    if not cells:
+        raise UserError(f"no finished runs (summary.json with its config.json) below '{root}'")
+    rows = sorted({r for r, _ in cells})
+    columns = sorted({c for _, c in cells}, key=lambda c: (c.split("@")[0], int(c.split("@")[1])))
+
+    def cell(runs):
+        text = lambda v: f"{100 * statistics.mean(v):.2f}" + (f" ± {100 * statistics.stdev(v):.2f}" * (len(v) > 1))
+        median, best = zip(*runs)
+        return f"{text(median)} ({text(best)}) n={len(runs)}"
+    table = [["", *columns]] + [[r, *(cell(cells[r, c]) if (r, c) in cells else "-" for c in columns)] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = [" | ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
+    return "\n".join(["test accuracy %, mean ± std over n seeds: median of the last 20 evaluations (best)",
+                      lines[0], "-" * len(lines[0]), *lines[1:]])
+
+# ---------------------------------------------------------------------------------------------
 # main
 
 def main(argv=None):
     try:
-        train(parse_args(argv))
+        cfg = parse_args(argv)
+        if cfg.table:
+            print(results_table(cfg.table))
+        elif cfg.evaluate:
+            evaluate_run(resolve(cfg, False))
+        else:
+            train(cfg)
     except UserError as e:
         sys.exit(f"layermatch.py: error: {e}")
     except Interrupted as e:

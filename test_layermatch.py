@@ -2,9 +2,11 @@
 CPU only, no downloads: synthetic uint8 tensors and scikit-learn's bundled digits."""
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
+import shutil
 import re
 import signal
 import statistics
@@ -613,6 +615,11 @@ def test_bad_user_data_is_a_clear_error(tmp_path):
 SHORT = dict(dataset="digits", labels=20, batch_size=8, uratio=2, threshold=0.3)  # low tau: pseudo-labels from step 1
 
 
+def digits_on_device(cfg, device, fmt):
+    d = lm.load_digits()
+    return lm.to_device(d, lm.labeled_subset(d["train_y"], cfg.labels, 10, cfg.seed), cfg, device, fmt)
+
+
 def weights(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
 
@@ -621,7 +628,7 @@ def real_step(grad_relu, tmp_path, monkeypatch):
     """One layermatch_step on digits, an untrained net: every class has a centre, tau = 0.12 so that some pass.
     Spies check which slice of the one forward pass feeds which part of the method."""
     cfg = lm.resolve(lm.Config(**dict(SHORT, threshold=0.12), grad_relu=grad_relu, out=str(tmp_path / "u")), False)
-    D = lm.to_device(lm.load_digits(), cfg, torch.device("cpu"), torch.contiguous_format)
+    D = digits_on_device(cfg, torch.device("cpu"), torch.contiguous_format)
     torch.manual_seed(0)
     net = lm.WideResNet(10, 10, 1, in_channels=1)
     centres = F.normalize(torch.randn(10, net.fc.in_features), dim=1)
@@ -671,7 +678,7 @@ def test_the_reported_accuracy_is_the_ema_models(tmp_path):
     lm.train(lm.Config(**SHORT, steps=10, eval_every=10, out=str(out)))
     ck = weights(out)
     cfg = lm.resolve(lm.Config(**SHORT), False)
-    D = lm.to_device(lm.load_digits(), cfg, torch.device("cpu"), torch.channels_last)
+    D = digits_on_device(cfg, torch.device("cpu"), torch.channels_last)
     accuracy = {}
     for name in ("ema", "model"):
         net = lm.WideResNet(10, 28, 2, in_channels=1)
@@ -766,7 +773,7 @@ def test_cuda_training_step_has_no_host_synchronisation(tmp_path, precision):
     """Everything the loop does between two log reads, under torch.cuda.set_sync_debug_mode("error")."""
     device, fmt = torch.device("cuda"), torch.channels_last
     cfg = lm.resolve(lm.Config(**SHORT, out=str(tmp_path / "unused")), False)
-    D = lm.to_device(lm.load_digits(), cfg, device, fmt)
+    D = digits_on_device(cfg, device, fmt)
     net = lm.WideResNet(10, 28, 2, in_channels=1).to(device, memory_format=fmt)
     ema, opt, bn_stats = copy.deepcopy(net), lm.make_optimizer(net, cfg, device), lm.running_stats(net)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -894,3 +901,277 @@ def test_bench_prints_consistent_ratios():
     assert abs(ours / ref - float(ratios[0].split()[-1][:-1])) <= 0.05 + 0.01 * ours / ref, ratios[0]
     step, plain = number(r"step \(ours\): ([0-9.]+)"), number(r"step \(plain NCHW fp32\): ([0-9.]+)")
     assert abs(step / plain - float(ratios[2].split()[-1][:-1])) <= 0.01 + 0.02 * step / plain, ratios[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own images, curves, a trained model, sweeps
+
+
+def write_png(path, value, size=(12, 10), mode="L"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, value).save(path)
+
+
+def image_folder(root, classes=("cat", "dog", "eel"), per_class=6, unlabeled=5):
+    """root/train/<class>/*.png, root/test/<class>/*.png, root/unlabeled/<any>/*.png: uniform grayscale images
+    whose brightness is their class, so a short run can learn them."""
+    for k, name in enumerate(classes):
+        for i in range(per_class):
+            write_png(root / "train" / name / f"{i}.png", 40 + 80 * k + i)
+        for i in range(2):
+            write_png(root / "test" / name / f"{i}.png", 42 + 80 * k + i)
+    for i in range(unlabeled):
+        write_png(root / "unlabeled" / f"batch{i % 2}" / f"{i}.png", 30 + 40 * i)
+    return root
+
+
+def test_folder_of_pngs_loads_as_uint8_tensors(tmp_path):
+    root = image_folder(tmp_path / "pets")
+    d = lm.load_folder(str(root), 8)
+    assert d["classes"] == ["cat", "dog", "eel"] and d["train_x"].dtype == torch.uint8
+    assert d["train_x"].shape == (18, 1, 8, 8) and d["test_x"].shape == (6, 1, 8, 8)  # grayscale: one channel
+    assert d["unlabeled_x"].shape == (5, 1, 8, 8)  # found in sub-folders, no labels
+    assert d["train_y"].tolist() == [0] * 6 + [1] * 6 + [2] * 6 and d["test_y"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert sorted(d["train_x"][:, 0, 0, 0].tolist()) == sorted(40 + 80 * k + i for k in range(3) for i in range(6))
+    assert (d["train_x"] == d["train_x"][:, :, :1, :1]).all()  # resized, a uniform image stays uniform
+    write_png(root / "unlabeled" / "colour.png", (200, 10, 10), mode="RGB")  # one colour image: all become RGB
+    d = lm.load_folder(str(root), 8)
+    assert d["train_x"].shape == (18, 3, 8, 8) and d["unlabeled_x"].shape == (6, 3, 8, 8)
+    assert (d["train_x"] == d["train_x"][:, :1]).all()  # gray images: three equal channels
+    assert d["unlabeled_x"][-1, :, 0, 0].tolist() == [200, 10, 10]  # sorted paths: colour.png last
+
+
+def test_folder_dataset_from_the_shell_then_evaluate_and_predict(tmp_path):
+    root = image_folder(tmp_path / "pets")
+    out = tmp_path / "run"
+    r = run_cli("--dataset", "folder", "--data-dir", root, "--labels", 6, "--image-size", 8, "--steps", 6,
+                "--eval-every", 3, "--batch-size", 4, "--uratio", 2, "--depth", 10, "--widen", 1, "--out", out)
+    assert r.returncode == 0, r.stderr
+    accs = [h["test_acc"] for h in weights(out)["history"]]
+    r = run_cli("--evaluate", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert f"test accuracy {accs[-1]:.2%} (EMA model" in r.stdout, r.stdout
+    model = lm.load(str(out))
+    assert model.classes == ["cat", "dog", "eel"] and model.shape == (1, 8, 8) and model.step == 6
+    test = lm.load_folder(str(root), 8)
+    classes, probs = lm.predict(model, test["test_x"])
+    assert (classes == test["test_y"]).sum().item() / 6 == accs[-1]
+
+
+BAD_FOLDERS = [  # (what to break, words of the message)
+    (lambda root: shutil.rmtree(root / "train"), "train"),
+    (lambda root: shutil.rmtree(root / "test" / "dog"), "no valid file for the classes dog"),
+    (lambda root: write_png(root / "test" / "fox" / "0.png", 9), "test class 'fox'"),
+    (lambda root: (root / "train" / "eel" / "bad.png").write_bytes(b"not a png"), "cannot read image"),
+    (lambda root: [os.remove(root / "train" / "eel" / f"{i}.png") for i in range(5)], "class 'eel' has only 1"),
+    (lambda root: shutil.rmtree(root / "unlabeled") or os.makedirs(root / "unlabeled" / "empty"), "no images"),
+]
+
+
+@pytest.mark.parametrize("breaks,message", BAD_FOLDERS)
+def test_bad_folders_are_one_line_naming_the_path(tmp_path, breaks, message):
+    root = image_folder(tmp_path / "pets")
+    breaks(root)
+    with pytest.raises(SystemExit) as e:
+        lm.main(["--dataset", "folder", "--data-dir", str(root), "--labels", "6", "--out", str(tmp_path / "run")])
+    text = str(e.value.code)
+    assert message in text and "\n" not in text, text
+    assert "class 'eel'" in message or str(root) in text, text
+    assert not os.path.exists(tmp_path / "run")
+
+
+def without(d, key):
+    return {k: v for k, v in d.items() if k != key}
+
+
+BAD_DATA = [  # every way user tensors can be wrong that we thought of; each is rejected before any work
+    (lambda d: [1, 2], "must be a dict"),
+    (lambda d: dict(d, unlabelled_x=d["train_x"]), "must be a dict with keys"),  # a typo would be ignored
+    (lambda d: without(d, "test_y"), "test_y"),
+    (lambda d: dict(d, train_x=d["train_x"].float()), "train_x'] must be a uint8"),
+    (lambda d: dict(d, train_x=d["train_x"][:0], train_y=d["train_y"][:0]), "N >= 1"),
+    (lambda d: dict(d, train_x=d["train_x"][0]), "train_x'] must be a uint8 tensor [N, C, H, W]"),
+    (lambda d: dict(d, train_y=d["train_y"].int()), "int64"),
+    (lambda d: dict(d, test_y=d["test_y"][:3]), "test_y'] must be an int64 tensor [N] matching"),
+    (lambda d: dict(d, test_x=d["test_x"][:, :1]), "train images' shape"),
+    (lambda d: dict(d, unlabeled_x=d["train_x"].numpy()), "train images' shape"),
+    (lambda d: dict(d, unlabeled_x=d["train_x"][:, :, :8]), "train images' shape"),
+    (lambda d: dict(d, train_x=d["train_x"][:, :2], test_x=d["test_x"][:, :2]), "1 (grayscale) or 3 (RGB)"),
+    (lambda d: dict(d, train_x=torch.cat([d["train_x"], d["train_x"][:, :1]], 1),
+                    test_x=torch.cat([d["test_x"], d["test_x"][:, :1]], 1)), "1 (grayscale) or 3 (RGB)"),
+    (lambda d: dict(d, train_x=d["train_x"][:, :, :1, :1], test_x=d["test_x"][:, :, :1, :1]), "at least 2x2"),
+    (lambda d: dict(d, train_y=d["train_y"] - 1), "0..num_classes-1"),
+    (lambda d: dict(d, train_y=torch.zeros_like(d["train_y"])), "at least 2 classes"),
+    (lambda d: dict(d, test_y=d["test_y"] + 1), "test label 4 is not a training class"),
+    (lambda d: dict(d, classes=["a", "b"]), "list of 4 class names"),
+    (lambda d: dict(d, train_y=torch.where(d["train_y"] == 2, 3, d["train_y"])), "class 2 has only 0 training"),
+]
+
+
+@pytest.mark.parametrize("breaks,message", BAD_DATA)
+def test_every_kind_of_bad_user_data_is_one_line_before_any_work(tmp_path, breaks, message):
+    cfg = lm.Config(dataset="bands", labels=8, steps=2, batch_size=4, uratio=2, out=str(tmp_path / "run"))
+    with pytest.raises(lm.UserError) as e:
+        lm.train(cfg, data=breaks(synthetic()))
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not os.path.exists(tmp_path / "run")  # no folder left behind that would block the corrected run
+
+
+def test_one_and_three_channel_user_data_train(tmp_path):
+    data = synthetic(n_train=40, n_test=8)
+    gray = dict(data, train_x=data["train_x"][:, :1], test_x=data["test_x"][:, :1])
+    for name, d in (("rgb", data), ("gray", gray)):
+        cfg = lm.Config(dataset="bands", labels=8, steps=2, eval_every=2, batch_size=4, uratio=2, depth=10, widen=1,
+                        out=str(tmp_path / name))
+        assert lm.train(cfg, data=d)["finished"]
+
+
+class FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter and records its calls."""
+    runs = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.scalars = log_dir, purge_step, []
+        FakeWriter.runs.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.closed = True
+
+
+def test_tensorboard_curves_continue_on_resume_without_duplicates(tmp_path, monkeypatch):
+    monkeypatch.setattr(lm, "tensorboard_writer", lambda: FakeWriter)
+    FakeWriter.runs = []
+    cfg = lm.Config(**SHORT, steps=40, eval_every=10, tensorboard=True, out=str(tmp_path / "r"))
+    lm.train(dataclasses.replace(cfg, stop_at=20))
+    lm.train(dataclasses.replace(cfg, resume=True))
+    first, second = FakeWriter.runs
+    assert first.log_dir == second.log_dir == str(tmp_path / "r" / "tb") and first.closed and second.closed
+    assert first.purge_step == 1 and second.purge_step == 21  # points after the checkpoint are dropped
+    steps = lambda w, tag: [s for t, _, s in w.scalars if t == tag]
+    assert steps(first, "train/loss") == [10, 16, 20] and steps(second, "train/loss") == [30, 32, 40]
+    tags = {t for t, _, _ in first.scalars}
+    assert {"train/" + k for k in ("loss", "L_s", "L_u", "L_ac", "mask_rate", "pl_acc", "lr", "images_per_s")} < tags
+    history = weights(tmp_path / "r")["history"]
+    acc = [(s, v) for w in (first, second) for t, v, s in w.scalars if t == "test/acc"]
+    assert acc == [(h["step"], h["test_acc"]) for h in history]  # every evaluation, once, as in metrics.csv
+    # each log's own window: the loss of steps 17..20 with stats summed since the evaluation at step 10
+    rows = {s: v for t, v, s in first.scalars if t == "train/loss"}
+    assert abs((6 * rows[16] + 4 * rows[20]) / 10 - history[1]["loss"]) < 1e-5
+
+
+def test_tensorboard_event_files_read_back(tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = lm.Config(**SHORT, steps=30, eval_every=10, tensorboard=True, out=str(tmp_path / "r"))
+    lm.train(dataclasses.replace(cfg, stop_at=10))
+    lm.train(dataclasses.replace(cfg, resume=True))
+    events = accumulator.EventAccumulator(str(tmp_path / "r" / "tb"))
+    events.Reload()
+    acc = [(e.step, e.value) for e in events.Scalars("test/acc")]
+    history = weights(tmp_path / "r")["history"]
+    assert acc == [(h["step"], pytest.approx(h["test_acc"])) for h in history]
+    assert [e.step for e in events.Scalars("train/L_ac")] == [10, 16, 20, 30]
+
+
+def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(SystemExit) as e:
+        lm.main([*map(str, TINY), "--tensorboard", "--out", str(tmp_path / "run")])
+    assert "pip install tensorboard" in str(e.value.code) and not os.path.exists(tmp_path / "run")
+
+
+def test_load_predict_and_evaluate_a_digits_run(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    lm.train(lm.Config(**dict(SHORT, threshold=None), algorithm="supervised", steps=20, eval_every=10, out=out))
+    ck, digits = weights(out), lm.load_digits()
+    model = lm.load(out)
+    classes, probs = lm.predict(model, digits["test_x"])
+    assert classes.dtype == torch.int64 and probs.shape == (500, 10)
+    torch.testing.assert_close(probs.sum(1), torch.ones(500))
+    assert (classes == digits["test_y"]).sum().item() / 500 == ck["history"][-1]["test_acc"]  # the EMA model
+    live = lm.load(out, "model")
+    assert not torch.equal(lm.predict(live, digits["test_x"])[1], probs)
+    ema_acc, live_acc = lm.evaluate_run(lm.resolve(lm.Config(evaluate=True, out=out), False))
+    assert ema_acc == ck["history"][-1]["test_acc"] and "live model" in capsys.readouterr().out
+    with pytest.raises(lm.UserError, match=r"uint8 images \[N, 1, 8, 8\]"):
+        lm.predict(model, digits["test_x"].float())
+    lm.train(lm.Config(**SHORT, steps=20, stop_at=10, out=str(tmp_path / "half")))  # interrupted: still usable
+    assert lm.load(str(tmp_path / "half")).step == 10
+    with pytest.raises(SystemExit) as e:
+        lm.main(["--evaluate", "--out", str(tmp_path / "nothing")])
+    assert "no checkpoint.pt" in str(e.value.code)
+
+
+def fake_run(root, dataset, labels, algorithm, seed, median, best, **settings):
+    cfg = lm.resolve(lm.Config(dataset=dataset, labels=labels, algorithm=algorithm, seed=seed, **settings), False)
+    out = root / f"{dataset}@{labels}-{algorithm}-s{seed}{'-' + '-'.join(settings) if settings else ''}"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    if median is not None:
+        (out / "summary.json").write_text(json.dumps(dict(test_acc_median_last20=median, test_acc_best=best)))
+
+
+def test_results_table_from_fake_summaries(tmp_path, capsys):
+    for seed, (m, b) in enumerate([(0.90, 0.92), (0.94, 0.95), (0.92, 0.98)]):
+        fake_run(tmp_path, "cifar10", 40, "layermatch", seed, m, b)
+    fake_run(tmp_path, "cifar10", 40, "fixmatch", 0, 0.80, 0.81)
+    fake_run(tmp_path, "cifar10", 40, "fixmatch", 1, None, None)  # unfinished: not counted
+    fake_run(tmp_path, "cifar10", 250, "fixmatch", 0, 0.85, 0.86)
+    fake_run(tmp_path / "more", "cifar100", 400, "layermatch", 0, 0.50, 0.55, grad_relu="relu")  # another variant
+    lm.main(["--table", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("test accuracy %, mean ± std over n seeds: median of the last 20")
+    header, rows = lines[1].split(" | "), {line.split(" | ")[0].strip(): line.split(" | ") for line in lines[3:]}
+    assert [h.strip() for h in header] == ["", "cifar10@40", "cifar10@250", "cifar100@400"]
+    assert rows["layermatch"][1].strip() == "92.00 ± 2.00 (95.00 ± 3.00) n=3"
+    assert rows["fixmatch"][1].strip() == "80.00 (81.00) n=1" and rows["fixmatch"][2].strip() == "85.00 (86.00) n=1"
+    assert rows["layermatch"][3].strip() == "-" and rows["layermatch grad_relu=relu"][3].strip() == "50.00 (55.00) n=1"
+    assert len(rows) == 3
+
+
+FAKE_PYTHON = """#!/bin/sh
+echo "$@" >> "$(dirname "$0")/calls.log"
+"""
+
+
+def test_run_cifar_skips_finished_resumes_interrupted_and_starts_the_rest(tmp_path):
+    shutil.copy(os.path.join(HERE, "run_cifar.sh"), tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(FAKE_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+    for name, files in (("cifar10@40-layermatch-s0", ["config.json", "checkpoint.pt", "summary.json"]),
+                        ("cifar10@250-layermatch-s0", ["config.json", "checkpoint.pt"]),
+                        ("cifar10@4000-layermatch-s0", ["config.json"])):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        for f in files:
+            (tmp_path / "runs" / name / f).write_text("{}")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SEEDS="0", ALGORITHMS="layermatch fixmatch")
+    r = subprocess.run(["bash", str(tmp_path / "run_cifar.sh"), "--device", "cpu"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "finished, skipped: runs/cifar10@40-layermatch-s0" in r.stdout
+    calls = (bin_dir / "calls.log").read_text().splitlines()
+    assert len(calls) == 11 + 1 and calls[-1] == "layermatch.py --table runs"
+    assert not any("--out runs/cifar10@40-layermatch-s0 " in c for c in calls)
+    by_out = {c.split("--out ")[1].split()[0]: c for c in calls[:-1]}
+    assert by_out["runs/cifar10@250-layermatch-s0"].endswith("--resume --device cpu")
+    assert by_out["runs/cifar10@4000-layermatch-s0"].endswith("--overwrite --device cpu")
+    assert by_out["runs/cifar100@400-fixmatch-s0"] == (
+        "layermatch.py --dataset cifar100 --labels 400 --algorithm fixmatch --seed 0 --out runs/cifar100@400-fixmatch-s0 "
+        "--device cpu")
+
+
+def test_a_run_longer_than_a_day_says_how_to_shorten_it(tmp_path, monkeypatch, capsys):
+    note = lm.projection_note(3 * 86400, 2**20, torch.device("cpu"))
+    assert "3.0 days" in note and all(w in note for w in ("--dataset digits", "--steps", "--precision bf16", "GPU"))
+    lm.train(lm.Config(**SHORT, steps=40, eval_every=20, out=str(tmp_path / "a")))
+    assert "days" not in str(capsys.readouterr())  # a short run: no note
+    monkeypatch.setattr(lm, "LONG_RUN", 0)
+    lm.train(lm.Config(**SHORT, steps=40, eval_every=20, out=str(tmp_path / "b")))
+    assert str(capsys.readouterr()).count("note: at the speed of the first steps, this run's 40 steps") == 1
