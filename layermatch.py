@@ -225,23 +225,22 @@ def load_data(cfg: Config) -> dict:
         raise UserError(f"could not load {cfg.dataset} from '{root}' ({reason}). Without internet, put "
                         f"{DOWNLOAD_HINTS[cfg.dataset]} into '{root}' or pass --data-dir") from None
 
-def read_images(paths: list, size: int, desc: str):
-    """Image files -> (uint8 [N, 3, size, size], whether every one was grayscale). Each is read once."""
+def read_images(paths: list, size: int, desc: str = "images") -> torch.Tensor:
+    """Image files -> uint8 [N, 3, size, size] (RGB; grayscale images get three equal channels)."""
     from PIL import Image
-    images, gray = [], True
+    images = []
     for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < 1000, leave=False):
         try:
             with Image.open(path) as im:
-                gray &= im.mode in ("1", "L", "LA", "I", "I;16", "F")
                 images.append(TF.pil_to_tensor(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)))
         except (OSError, ValueError) as e:  # not an image, truncated, unsupported format
             raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
-    return torch.stack(images), gray
+    return torch.stack(images)
 
 def load_folder(root: str, size: int) -> dict:
     """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* with the same
     class names, and optionally root/unlabeled/ with images in any sub-folders. 1 channel if every image is
-    grayscale, else RGB."""
+    grayscale (R = G = B), else RGB."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
     def labeled(split, class_to_idx=None):
@@ -262,8 +261,8 @@ def load_folder(root: str, size: int) -> dict:
         raise UserError(f"--dataset folder: no images in '{os.path.join(root, 'unlabeled')}'")
     splits = [read_images([p for p, _ in train], size, "train"), read_images([p for p, _ in test], size, "test")]
     splits += [read_images(extra, size, "unlabeled")] if extra else []
-    gray = all(g for _, g in splits)
-    x = [images[:, :1] if gray else images for images, _ in splits]
+    gray = all((x == x[:, :1]).all() for x in splits)  # every image has R = G = B
+    x = [images[:, :1] if gray else images for images in splits]
     label = lambda samples: torch.tensor([k for _, k in samples])
     return dict(train_x=x[0], train_y=label(train), test_x=x[1], test_y=label(test),
                 unlabeled_x=x[2] if extra else None, classes=classes)
@@ -877,6 +876,74 @@ def tensorboard_writer():
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
+class Progress:
+    """Where the loop's figures go: the progress bar, TensorBoard (--tensorboard, rank 0) and, once, the projected
+    time of a long run; and the steady-state clock, from the end of the first step (compilation, autotuning) on,
+    without evaluations."""
+
+    def __init__(self, cfg: Config, s: State, rank: int, device, images_per_step: int, SummaryWriter):
+        self.cfg, self.rank, self.device, self.images_per_step = cfg, rank, device, images_per_step
+        self.bar = tqdm(total=cfg.steps, initial=s.step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
+        # a resumed run continues its curves: TensorBoard drops the points logged after the checkpoint (purge_step)
+        self.tb = None if SummaryWriter is None or rank else SummaryWriter(os.path.join(cfg.out, "tb"),
+                                                                            purge_step=s.step + 1)
+        self.logged = s.stats.tolist()  # the sums at the last log: each TensorBoard point covers its own steps
+        self.t0, self.k0, self.busy, self.projected = None, s.step, 0.0, False
+
+    def start_clock(self, loss, step):
+        if self.t0 is None:
+            loss.item()  # wait for the first step once
+            self.t0, self.k0 = time.time(), step
+
+    def steps_per_second(self, step) -> float:
+        steady = time.time() - self.t0 - self.busy if self.t0 else 0
+        return (step - self.k0) / steady if steady > 0 else math.nan
+
+    def log(self, sums: list, step: int) -> dict:
+        """Show the averages since the last evaluation (metrics.csv's row, returned); TensorBoard gets those of
+        the steps since the last log."""
+        row = stats_row(sums, self.cfg, step)
+        self.bar.update(step - self.bar.n)
+        images = (self.bar.format_dict["rate"] or 0) * self.images_per_step
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} | {"img/s": f"{images:.0f}"})
+        if self.tb:
+            window = stats_row([a - b for a, b in zip(sums, self.logged)], self.cfg, step) | dict(images_per_s=images)
+            for k, v in window.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        self.logged = sums
+        if self.rank == 0 and not self.projected and step > self.k0:
+            self.projected, seconds = True, (self.cfg.steps - step) / self.steps_per_second(step)
+            if seconds > LONG_RUN:
+                self.bar.write(projection_note(seconds, self.cfg.steps, self.device))
+        return row
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        self.busy -= time.time()
+        yield
+        self.busy += time.time()
+
+    def evaluated(self, history: list):
+        self.logged = [0.0] * len(STATS)  # the sums restart at every evaluation
+        last = history[-1]
+        if self.tb:
+            self.tb.add_scalar("test/acc", last["test_acc"], last["step"])  # the EMA model's, as metrics.csv
+            self.tb.add_scalar("test/nearest_centre_acc", last["centre_acc"], last["step"])
+        if self.rank == 0:
+            accs = [h["test_acc"] for h in history]
+            self.bar.write(f"step {last['step']:>7} | test acc {accs[-1]:.2%} | median(last 20) "
+                           f"{statistics.median(accs[-20:]):.2%} | best {max(accs):.2%} | nearest-centre acc "
+                           f"{last['centre_acc']:.2%} | mask {last['mask_rate']:.2f}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        if self.tb:
+            self.tb.close()
+
 def make_optimizer(net: nn.Module, cfg: Config, device) -> torch.optim.SGD:
     """SGD with Nesterov momentum; weight decay on conv and linear weights only (not BatchNorm, biases)."""
     params = list(net.parameters())
@@ -925,13 +992,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     B, uB = cfg.batch_size // world, cfg.uratio * cfg.batch_size // world  # this process's share
     bn_stats = running_stats(net)
     bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite
-    bar = tqdm(total=cfg.steps, initial=s.step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
-    # Resumed curves continue where the checkpoint was: TensorBoard drops points logged after it (purge_step)
-    tb = SummaryWriter(os.path.join(cfg.out, "tb"), purge_step=s.step + 1) if SummaryWriter and rank == 0 else None
-    logged = s.stats.tolist()  # the sums at the last log: TensorBoard gets each log's own window
-    t0, k0, busy = None, s.step, 0.0  # steady-state clock: from the end of the first step, minus evaluations
-    projected = False
-    with signals_to_flag() as stop, bar, tb or contextlib.nullcontext():
+    progress = Progress(cfg, s, rank, device, (B + 2 * uB * (cfg.algorithm != "supervised")) * world, SummaryWriter)
+    with signals_to_flag() as stop, progress:
         while s.step < cfg.steps:
             for group in s.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, s.step)
@@ -947,9 +1009,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             s.step += 1
             bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), s.step, bad_step)
             accumulate(s.stats, loss, terms)
-            if t0 is None:
-                loss.item()  # wait for the first step (compilation, autotuning) once, then start the clock
-                t0, k0 = time.time(), s.step
+            progress.start_clock(loss, s.step)
 
             evaluating = s.step % cfg.eval_every == 0 or s.step == cfg.steps
             if s.step % LOG_EVERY and not evaluating and s.step != cfg.stop_at and not (stop and world == 1):
@@ -961,35 +1021,15 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             if bad >= 0:
                 raise UserError(f"non-finite loss at step {int(bad)}; stopped. The last checkpoint in '{cfg.out}' "
                                 f"(step {s.history[-1]['step'] if s.history else 'none'}) is intact")
-            sums = s.stats.tolist()
-            row = stats_row(sums, cfg, s.step)  # since the last evaluation, as metrics.csv
-            bar.update(s.step - bar.n)
-            images = (bar.format_dict["rate"] or 0) * (B + 2 * uB * (cfg.algorithm != "supervised")) * world
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} | {"img/s": f"{images:.0f}"})
-            if tb:
-                window = stats_row([a - b for a, b in zip(sums, logged)], cfg, s.step) | dict(images_per_s=images)
-                for k, v in window.items():
-                    if k != "step":
-                        tb.add_scalar(f"train/{k}", v, s.step)
-            logged = sums
-            if rank == 0 and not projected and s.step > k0:  # the speed of the first steps, once
-                projected, seconds = True, (cfg.steps - s.step) * (time.time() - t0 - busy) / (s.step - k0)
-                if seconds > LONG_RUN:
-                    bar.write(projection_note(seconds, cfg.steps, device))
+            row = progress.log(s.stats.tolist(), s.step)
             if evaluating:
-                busy -= time.time()
-                accs = evaluate(s.ema, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
-                row["test_acc"], row["centre_acc"] = accs if rank == 0 else (math.nan, math.nan)
-                if tb:
-                    tb.add_scalar("test/acc", accs[0], s.step)  # the EMA model's, as metrics.csv
-                    tb.add_scalar("test/nearest_centre_acc", accs[1], s.step)
-                s.history.append(row)
-                s.stats.zero_()
-                logged = [0.0] * len(STATS)
-                save_checkpoint(s, cfg, world, rank)
-                if rank == 0:
-                    bar.write(evaluation_line(s.history))
-                busy += time.time()
+                with progress.evaluating():
+                    accs = evaluate(s.ema, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
+                    row["test_acc"], row["centre_acc"] = accs if rank == 0 else (math.nan, math.nan)
+                    s.history.append(row)
+                    s.stats.zero_()
+                    save_checkpoint(s, cfg, world, rank)
+                    progress.evaluated(s.history)
             if stopping:
                 save_checkpoint(s, cfg, world, rank)
                 raise Interrupted(stop[0] if stop else signal.SIGTERM, s.step)
@@ -997,14 +1037,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                 if not evaluating:
                     save_checkpoint(s, cfg, world, rank)
                 break
-    steady = time.time() - t0 - busy if t0 else 0
-    return summarise(s, cfg, world, rank, device, (s.step - k0) / steady if steady > 0 else math.nan,
+    return summarise(s, cfg, world, rank, device, progress.steps_per_second(s.step),
                      (B, uB * (cfg.algorithm != "supervised")))
-
-def evaluation_line(history) -> str:
-    accs, last = [h["test_acc"] for h in history], history[-1]
-    return (f"step {last['step']:>7} | test acc {accs[-1]:.2%} | median(last 20) {statistics.median(accs[-20:]):.2%}"
-            f" | best {max(accs):.2%} | nearest-centre acc {last['centre_acc']:.2%} | mask {last['mask_rate']:.2f}")
 
 def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batch) -> dict:
     """summary.json: the FixMatch paper's median of the last 20 evaluations, the best and the final one."""
@@ -1105,10 +1139,13 @@ def results_table(root: str) -> str:
     rows = sorted({r for r, _ in cells})
     columns = sorted({c for _, c in cells}, key=lambda c: (c.split("@")[0], int(c.split("@")[1])))
 
+    def mean_std(values):  # in %; a single seed has no spread to show
+        spread = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        return f"{100 * statistics.mean(values):.2f}{spread}"
+
     def cell(runs):
-        text = lambda v: f"{100 * statistics.mean(v):.2f}" + (f" ± {100 * statistics.stdev(v):.2f}" * (len(v) > 1))
         median, best = zip(*runs)
-        return f"{text(median)} ({text(best)}) n={len(runs)}"
+        return f"{mean_std(median)} ({mean_std(best)}) n={len(runs)}"
     table = [["", *columns]] + [[r, *(cell(cells[r, c]) if (r, c) in cells else "-" for c in columns)] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]

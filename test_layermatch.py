@@ -1037,10 +1037,7 @@ class FakeWriter:
     def add_scalar(self, tag, value, step):
         self.scalars.append((tag, value, step))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
         self.closed = True
 
 
