@@ -10,14 +10,18 @@ us; section "Our reading of the method" in README.md says exactly what we implem
     python layermatch.py --dataset cifar10 --labels 40 --algorithm fixmatch   # the baseline
     python layermatch.py --dataset digits --labels 20                   # offline demo, minutes on a CPU
     python layermatch.py --dataset cifar10 --labels 40 --resume         # continue an interrupted run
+    python layermatch.py --dataset folder --data-dir PATH --labels 40   # PATH/train/<class>/*, PATH/test/<class>/*
+    python layermatch.py --evaluate --out runs/cifar10@40-layermatch-s0 # test accuracy of a saved run
+    python layermatch.py --table runs                                   # mean ± std over seeds of finished runs
     torchrun --nproc_per_node=4 layermatch.py --dataset cifar100 --labels 400   # batch = global batch
     python bench.py                                                     # throughput vs a PIL pipeline
 
-From Python (your own uint8 images [N, C, H, W] and int64 labels):
+From Python (your own uint8 images [N, C, H, W] and int64 labels), and a trained model:
 
-    from layermatch import Config, train
+    from layermatch import Config, train, load, predict
     summary = train(Config(dataset="mydata", labels=40, steps=5000),
                     data=dict(train_x=..., train_y=..., test_x=..., test_y=..., unlabeled_x=None))
+    classes, probs = predict(load("runs/mydata@40-layermatch-s0"), images)
 
 The whole dataset sits on the device as uint8; every augmentation is a batched tensor op with
 per-image randomness; one forward pass over [labeled, weak, strong] per step, as in FixMatch.
