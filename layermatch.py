@@ -967,14 +967,14 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     torch.backends.cudnn.benchmark = device.type == "cuda"
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    def load(first):  # rank 0 first: it downloads; the output folder only once the data and --labels are fine
+    def load_and_check(first):  # rank 0 first: it downloads; the output folder only once the data and --labels are fine
         d = load_data(cfg) if data is None else data
         check_data(d)
         labeled = labeled_subset(d["train_y"], cfg.labels, int(d["train_y"].max()) + 1, cfg.seed, d.get("classes"))
         if first:
             prepare_out(cfg)
         return d, labeled
-    D = to_device(*rank_zero_first(world, rank, load), cfg, device, fmt)
+    D = to_device(*rank_zero_first(world, rank, load_and_check), cfg, device, fmt)
 
     torch.manual_seed(cfg.seed)  # the same initialisation on every process
     net = WideResNet(D["num_classes"], cfg.depth, cfg.widen, D["x"].shape[1], cfg.stages)

@@ -441,7 +441,7 @@ def test_help_is_complete():
     r = run_cli("--help")
     assert r.returncode == 0
     for f in ("--labels", "--grad-relu", "--lambda-ac", "--ac-momentum", "--resume", "--no-hflip", "--precision",
-              "--stages"):
+              "--stages", "--image-size", "--tensorboard", "--evaluate", "--table"):
         assert f in r.stdout
     assert "--bench" not in r.stdout  # the benchmark is bench.py
 
