@@ -1131,8 +1131,11 @@ def results_table(root: str) -> str:
     cells = {}
     for folder, _, files in sorted(os.walk(root)):
         if "summary.json" in files and "config.json" in files:
-            with open(os.path.join(folder, "config.json")) as fh, open(os.path.join(folder, "summary.json")) as fs:
-                cfg, summary = json.load(fh), json.load(fs)
+            try:
+                with open(os.path.join(folder, "config.json")) as fc, open(os.path.join(folder, "summary.json")) as fs:
+                    cfg, summary = json.load(fc), json.load(fs)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read the run in '{folder}' ({type(e).__name__}: {e})") from None
             default = dataclasses.asdict(resolve(Config(dataset=cfg["dataset"], algorithm=cfg["algorithm"]), True))
             row = " ".join([cfg["algorithm"]] + [f"{k}={v}" for k, v in cfg.items()
                                                  if k not in NOT_IN_TABLE + IDENTITY and default.get(k) != v])

@@ -1129,6 +1129,10 @@ def test_results_table_from_fake_summaries(tmp_path, capsys):
     assert rows["fixmatch"][1].strip() == "80.00 (81.00) n=1" and rows["fixmatch"][2].strip() == "85.00 (86.00) n=1"
     assert rows["layermatch"][3].strip() == "-" and rows["layermatch grad_relu=relu"][3].strip() == "50.00 (55.00) n=1"
     assert len(rows) == 3
+    (tmp_path / "cifar10@40-fixmatch-s0" / "summary.json").write_text('{"test_acc_med')  # cut off mid-write
+    with pytest.raises(SystemExit) as e:
+        lm.main(["--table", str(tmp_path)])
+    assert "cannot read the run in" in str(e.value.code) and "cifar10@40-fixmatch-s0" in str(e.value.code)
 
 
 FAKE_PYTHON = """#!/bin/sh
