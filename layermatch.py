@@ -247,14 +247,15 @@ def load_folder(root: str, size: int) -> dict:
     grayscale (R = G = B), else RGB."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
-    def labeled(split, class_to_idx=None):
+    def labeled(split, class_to_idx=None):  # (class names, [(path, label)]); test takes train's labels
         path = os.path.join(root, split)
         try:
             classes, own = find_classes(path)
-            unknown = [c for c in classes if class_to_idx is not None and c not in class_to_idx]
+            class_to_idx = class_to_idx or own
+            unknown = sorted(set(classes) - set(class_to_idx))
             if unknown:
                 raise UserError(f"the test class '{unknown[0]}' in '{path}' is not a folder of '{root}/train'")
-            return classes, make_dataset(path, class_to_idx or own, IMG_EXTENSIONS)
+            return classes, make_dataset(path, class_to_idx, IMG_EXTENSIONS)
         except FileNotFoundError as e:  # no folder, no class folders, a class without images
             raise UserError(f"--dataset folder: {e} (expected '{path}/<class>/<image>')") from None
     classes, train = labeled("train")
@@ -1072,24 +1073,26 @@ def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batc
 class Classifier(nn.Module):
     """A trained network with its input normalisation: uint8 images [N, C, H, W] in, logits out."""
 
-    def __init__(self, net: WideResNet, inputs: dict, config: dict, step: int):
+    def __init__(self, net: WideResNet, inputs: dict, step: int):
         super().__init__()
         self.net, self.classes, self.shape = net, inputs["classes"], inputs["shape"]
-        self.config, self.step = config, step  # the run's settings, and the step the weights are from
+        self.step = step  # the training step the weights are from
         self.register_buffer("mean", inputs["mean"])
         self.register_buffer("std", inputs["std"])
 
     def forward(self, x):
         return self.net((x.float() - self.mean) / self.std)[0]
 
-def load(out: str, which: str = "ema", device: str = "cpu") -> Classifier:
-    """The model of a finished or interrupted run, ready for inference: which="ema", the averaged weights that
-    every reported accuracy comes from, or "model", the live weights of the last step."""
-    ck = read_checkpoint(out)
+def classifier(ck: dict, which: str) -> Classifier:
     cfg, inputs = ck["config"], ck["inputs"]
     net = WideResNet(len(inputs["classes"]), cfg["depth"], cfg["widen"], inputs["shape"][0], cfg["stages"])
     net.load_state_dict(ck[which])
-    return Classifier(net, inputs, cfg, ck["step"]).to(device).eval().requires_grad_(False)
+    return Classifier(net, inputs, ck["step"]).eval().requires_grad_(False)
+
+def load(out: str, which: str = "ema", device: str = "cpu") -> Classifier:
+    """The model of a finished or interrupted run, ready for inference: which="ema", the averaged weights that
+    every reported accuracy comes from, or "model", the live weights of the last step."""
+    return classifier(read_checkpoint(out), which).to(device)
 
 @torch.no_grad()
 def predict(model: Classifier, images: torch.Tensor, batch: int = 1024):
@@ -1105,9 +1108,9 @@ def predict(model: Classifier, images: torch.Tensor, batch: int = 1024):
 
 def evaluate_run(cfg: Config):
     """--evaluate: test accuracy of the EMA and the live model of the run in --out, without training."""
-    device = pick_device(cfg.device, 0)
-    ema, live = load(cfg.out, "ema", device), load(cfg.out, "model", device)
-    saved = Config(**{k: v for k, v in ema.config.items() if k in {f.name for f in dataclasses.fields(Config)}})
+    ck, device = read_checkpoint(cfg.out), pick_device(cfg.device, 0)
+    ema, live = classifier(ck, "ema").to(device), classifier(ck, "model").to(device)
+    saved = Config(**{k: v for k, v in ck["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
     if saved.dataset not in DATASET_DEFAULTS:
         raise UserError(f"'{cfg.out}' was trained on tensors given to train(): evaluate it from Python with "
                         f"predict(load('{cfg.out}'), test_x)")
