@@ -633,20 +633,38 @@ def real_step(grad_relu, tmp_path, monkeypatch):
     net = lm.WideResNet(10, 10, 1, in_channels=1)
     centres = F.normalize(torch.randn(10, net.fc.in_features), dim=1)
     calls, outputs = {}, []
-    for name in ("pseudo_label", "grad_relu_logits", "consistent", "weak_augment", "strong_augment"):
+    for name in ("pseudo_label", "grad_relu_logits", "consistent", "weak_augment", "strong_augment",
+                 "layermatch_loss", "avg_clustering_step"):
         real = getattr(lm, name)
         spy = lambda *a, real=real, name=name: calls.setdefault(name, []).append([*a, real(*a)]) or calls[name][-1][-1]
         monkeypatch.setattr(lm, name, spy)
     model = lambda x: outputs.append(net(x)) or outputs[-1]
+    seen = torch.ones(10, dtype=torch.bool)
     loss, terms, new_centres, _ = lm.layermatch_step(model, net.fc, D, torch.Generator().manual_seed(0), centres,
-                                                     torch.ones(10, dtype=torch.bool), cfg, 8, 16)
+                                                     seen, cfg, 8, 16)
     assert terms["mask"] > 0 and terms["L_u"] > 0 and terms["L_ac"] > 0 and not torch.equal(new_centres, centres)
     (z, f), = outputs  # one forward pass over [8 labeled, 16 weak, 16 strong]
-    assert torch.equal(calls["pseudo_label"][0][0], z[8:24])  # pseudo-labels from the weak view
+    i_l = D["labeled"][torch.randint(len(D["labeled"]), (8,), generator=torch.Generator().manual_seed(0))]
+    y = D["y"][i_l]  # the step's first draw: the labeled batch
+    (z_weak, _, (y_hat, mask)), = calls["pseudo_label"]
+    assert torch.equal(z_weak, z[8:24])  # pseudo-labels and mask from the weak view
     assert torch.equal(calls["grad_relu_logits"][0][0], f[24:])  # the pseudo-label loss on the strong view
-    assert torch.equal(calls["consistent"][0][1], z[24:])  # consistency: the strong view's prediction
-    _, (u, _, _, weak), (u_again, _, _, own_weak) = calls["weak_augment"]  # labeled, weak view, strong's own
-    assert torch.equal(u, u_again) and torch.equal(calls["strong_augment"][0][0], own_weak)
+    (m, z_strong, y_hat_c, agree), = calls["consistent"]
+    assert torch.equal(z_strong, z[24:]) and m is mask and y_hat_c is y_hat  # consistency: strong view's prediction
+    # Every input of L = L_s + L_u + L_ac, by value against the slices of the one forward pass
+    (z_l, y_l, z_u, y_hat_l, mask_l, f_ac, centres_l, seen_l, *_), = calls["layermatch_loss"]
+    assert torch.equal(z_l, z[:8]) and torch.equal(y_l, y)  # L_s: labeled logits and their labels
+    assert z_u is calls["grad_relu_logits"][0][-1] and y_hat_l is y_hat and mask_l is mask  # L_u
+    assert torch.equal(f_ac, f[24:])  # L_ac pulls the strong view's features ...
+    assert torch.equal(centres_l, centres) and seen_l is seen  # ... towards the centres before this step's update
+    # The Avg-Clustering update: labeled and weak features with [y, y_hat], weights [1, consistent]
+    (f_c, y_c, weight, centres_c, seen_c, alpha, _), = calls["avg_clustering_step"]
+    assert torch.equal(f_c, f[:24]) and torch.equal(y_c, torch.cat([y, y_hat]))
+    assert torch.equal(weight, torch.cat([torch.ones(8), agree])) and 0 < agree.sum() < 16
+    assert torch.equal(centres_c, centres) and alpha == cfg.ac_momentum
+    (x_l, _, _, _), (u, _, _, weak), (u_again, _, _, own_weak) = calls["weak_augment"]  # labeled, weak, strong's own
+    assert torch.equal(x_l, D["x"][i_l]) and torch.equal(u, u_again)
+    assert torch.equal(calls["strong_augment"][0][0], own_weak)
     assert not torch.equal(own_weak, weak)  # the strong view draws its own flip and crop
     grad = lambda term, p: torch.autograd.grad(term, p, retain_graph=True)[0]
     stem = net.features[0].weight
