@@ -339,11 +339,21 @@ def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Te
     return x.flatten(2).gather(2, pixel).view(N, C, H, W)
 
 def blend(x, degenerate, factor):
-    """PIL ImageEnhance: degenerate + factor * (x - degenerate), per-image factor."""
-    return torch.lerp(degenerate, x.float(), factor.view(-1, 1, 1, 1)).round_().clamp_(0, 255).to(torch.uint8)
+    """PIL's ImageEnhance: degenerate + factor * (x - degenerate) in float32 with a per-image factor, then
+    truncated to uint8 as PIL's blend does (rounding would brighten every image by ~0.4 grey levels)."""
+    out = degenerate + factor.view(-1, 1, 1, 1) * (x.float() - degenerate)
+    return out.clamp_(0, 255).to(torch.uint8)  # float -> uint8 truncates
 
 def grayscale(x):
-    return x.float() if x.shape[1] == 1 else TF.rgb_to_grayscale(x.float())  # ITU-R 601-2 luma, like PIL
+    """PIL's convert("L"): integer ITU-R 601-2 luma (19595 R + 38470 G + 7471 B + 2^15) >> 16, as float."""
+    if x.shape[1] == 1:
+        return x.float()
+    r, g, b = x.int().unbind(1)
+    return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16)[:, None].float()
+
+def mean_gray(x):
+    """Contrast's degenerate image: the mean grey level, rounded half up as PIL's int(mean + 0.5)."""
+    return (grayscale(x).mean((1, 2, 3), keepdim=True) + 0.5).floor()
 
 def sharpen_degenerate(x):
     """PIL's SMOOTH filter (3x3, centre weight 5, sum 13) inside, original pixels on the border."""
@@ -355,19 +365,24 @@ def sharpen_degenerate(x):
     return F.pad(smooth, (1, 1, 1, 1)).where(interior, xf)
 
 def enhance_factor(level):
-    return 0.1 + 1.8 * level / 10
+    """0.1 + 1.8 L / 10, written (5 + 9 L) / 50: one float32 rounding, which gives the float32 value of the
+    references' double-precision factor exactly (truncation in blend makes one ulp visible)."""
+    return (5 + 9 * level) / 50
 
 def affine(x, level, sign, op):
     """Rotate / ShearX / ShearY / TranslateX / TranslateY, one grid_sample with a per-image matrix.
-    The matrix maps output to input pixels; since every sign is random, the inverse needs no care.
-    Nearest-neighbour sampling as PIL's default; mid-gray fill as the official FixMatch code (PIL fills black)."""
+    The matrix maps output to input pixels, as PIL's transform data; since every sign is random, the inverse
+    needs no care. Rotation is about the centre, shears about the top-left corner as PIL's AFFINE
+    (1, v, 0, 0, 1, 0) in all three references. Nearest-neighbour sampling as PIL's default; mid-gray fill as
+    the official FixMatch code (PIL fills black)."""
     N, C, H, W = x.shape
     v = (sign * level).float()
     angle, shear, shift_x, shift_y = torch.deg2rad(3 * v), 0.03 * v, v * W / 32, v * H / 32
     one, zero = torch.ones_like(v), torch.zeros_like(v)
-    A = {  # per op: 2x3 matrix in pixel units about the image centre
+    A = {  # per op: 2x3 matrix in pixel units, coordinates about the image centre
         7: [[angle.cos(), -angle.sin(), zero], [angle.sin(), angle.cos(), zero]],
-        8: [[one, shear, zero], [zero, one, zero]], 9: [[one, zero, zero], [shear, one, zero]],
+        8: [[one, shear, shear * H / 2], [zero, one, zero]],  # the shift moves the shear's origin to the corner
+        9: [[one, zero, zero], [shear, one, shear * W / 2]],
         10: [[one, zero, shift_x], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, shift_y]],
     }
     mats = torch.stack([torch.stack([torch.stack(r, -1) for r in A[k]], -2) for k in A])  # [5, N, 2, 3]
@@ -387,7 +402,7 @@ COLOR_OPS = {
     2: lambda x, L, s: TF.equalize(x),
     3: lambda x, L, s: blend(x, torch.zeros((), device=x.device), enhance_factor(L)),  # Brightness
     4: lambda x, L, s: blend(x, grayscale(x), enhance_factor(L)),  # Color
-    5: lambda x, L, s: blend(x, grayscale(x).mean((1, 2, 3), keepdim=True).round(), enhance_factor(L)),  # Contrast
+    5: lambda x, L, s: blend(x, mean_gray(x), enhance_factor(L)),  # Contrast
     6: lambda x, L, s: blend(x, sharpen_degenerate(x), enhance_factor(L)),  # Sharpness
     12: lambda x, L, s: x & (0xFF << (4 + (0.4 * L).floor().int())).to(torch.uint8).view(-1, 1, 1, 1),  # Posterize
     13: lambda x, L, s: torch.where(x >= (256 - (25.6 * L).floor()).view(-1, 1, 1, 1), 255 - x, x),  # Solarize
@@ -563,29 +578,34 @@ def avg_clustering_step(f, y, weight, centres, seen, alpha):
         all_reduce(sums, counts)
         return avg_clustering_update(centres, seen, sums, counts, alpha)
 
-def layermatch_step(model, head, data, gen, centres, seen, cfg, B, uB):
+def layermatch_step(model, head, data, gen, centres, seen, cfg, B, uB, dtype=None):
     """Sample, augment, one forward pass over [labeled weak, unlabeled weak, unlabeled strong], pseudo-label,
     Avg-Clustering, Grad-ReLU, loss. Device work only: no logging, no host synchronisation.
     model(x) -> (logits, features); head is its linear layer. Returns (loss, terms, centres, seen).
+    Sampling and augmentation run in fp32 on every device (inside autocast, a GPU would rotate and sharpen in
+    bf16); the forward pass and the losses run under autocast in dtype (None: fp32).
     The centres are kept for every algorithm (fixmatch, supervised: for the nearest-centre diagnostic only)."""
     dev, normalize, alpha = centres.device, data["normalize"], cfg.ac_momentum
+    amp = torch.autocast(dev.type, dtype, enabled=dtype is not None)
     i_l = data["labeled"][torch.randint(len(data["labeled"]), (B,), device=dev, generator=gen)]
     x_l, y = weak_augment(data["x"][i_l], gen, cfg.hflip), data["y"][i_l]
     if cfg.algorithm == "supervised":
-        z_l, f_l = model(normalize(x_l))
-        loss, terms = layermatch_loss(z_l, y, None, None, None, None, centres, seen, 0, 0)
-        return loss, terms, *avg_clustering_step(f_l, y, torch.ones_like(y), centres, seen, alpha)
+        with amp:
+            z_l, f_l = model(normalize(x_l))
+            loss, terms = layermatch_loss(z_l, y, None, None, None, None, centres, seen, 0, 0)
+            return loss, terms, *avg_clustering_step(f_l, y, torch.ones_like(y), centres, seen, alpha)
     i_u = torch.randint(len(data["x_u"]), (uB,), device=dev, generator=gen)
     u = data["x_u"][i_u]
     x_w, x_s = weak_augment(u, gen, cfg.hflip), strong_augment(weak_augment(u, gen, cfg.hflip), gen)  # own crop
-    z, f = model(normalize(torch.cat([x_l, x_w, x_s])))  # one pass: BatchNorm sees [labeled, weak, strong]
-    z_l, z_w, z_s = z.split([B, uB, uB])
-    f_l, f_w, f_s = f.split([B, uB, uB])
-    y_hat, mask = pseudo_label(z_w, cfg.threshold)
-    z_u = grad_relu_logits(f_s, head, cfg.grad_relu)  # the head's share of the pseudo-label gradient
-    loss, terms = layermatch_loss(z_l, y, z_u, y_hat, mask, f_s, centres, seen, cfg.lambda_u, cfg.lambda_ac)
-    weight = torch.cat([torch.ones_like(mask[:B]), consistent(mask, z_s, y_hat)])  # after L_ac: see README
-    centres, seen = avg_clustering_step(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight, centres, seen, alpha)
+    with amp:
+        z, f = model(normalize(torch.cat([x_l, x_w, x_s])))  # one pass: BatchNorm sees [labeled, weak, strong]
+        z_l, z_w, z_s = z.split([B, uB, uB])
+        f_l, f_w, f_s = f.split([B, uB, uB])
+        y_hat, mask = pseudo_label(z_w, cfg.threshold)
+        z_u = grad_relu_logits(f_s, head, cfg.grad_relu)  # the head's share of the pseudo-label gradient
+        loss, terms = layermatch_loss(z_l, y, z_u, y_hat, mask, f_s, centres, seen, cfg.lambda_u, cfg.lambda_ac)
+        weight = torch.cat([torch.ones_like(mask[:B]), consistent(mask, z_s, y_hat)])  # after L_ac: see README
+        centres, seen = avg_clustering_step(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight, centres, seen, alpha)
     hidden = data["y_u"][i_u]  # true labels of the unlabeled batch (-1: unknown), for diagnostics only
     terms |= dict(mask=mask.mean(), pl_correct=(mask * (y_hat == hidden)).sum(), pl_known=(mask * (hidden >= 0)).sum())
     return loss, terms, centres, seen
@@ -627,15 +647,20 @@ def learning_rate(cfg, step):
     return cfg.lr * math.cos(7 * math.pi * step / (16 * cfg.steps))
 
 @torch.no_grad()
-def evaluate(model, x, y, normalize, centres, seen, batch=1024) -> tuple:
-    """Test accuracy of the linear head, and of the nearest class centre (cosine) on the same features: the
-    second measures the feature extractor alone, which LayerMatch claims pseudo-labels help."""
-    model.eval()  # only ever called on the EMA copy; the training model stays in train mode
+def evaluate(model, live, x, y, normalize, centres, seen, batch=1024) -> tuple:
+    """Test accuracy of model's linear head (the EMA copy: what every reported accuracy is), and of the nearest
+    class centre (cosine) on the live network's features: the second measures the feature extractor alone, which
+    LayerMatch claims pseudo-labels help, and compares like with like, as the centres average live features."""
+    training = live.training
+    model.eval()  # the EMA copy stays in eval mode
+    live.eval()  # the live network goes back to train mode below
     hits = torch.zeros(2, device=x.device)
     for i in range(0, len(x), batch):
-        z, f = model(normalize(x[i:i + batch]))
+        inputs = normalize(x[i:i + batch])
+        z, f = model(inputs)[0], live(inputs)[1]
         cos = (F.normalize(f.float(), dim=1) @ centres.t()).masked_fill(~seen, -2)  # classes without a centre lose
         hits += torch.stack([(z.argmax(1) == y[i:i + batch]).sum(), (cos.argmax(1) == y[i:i + batch]).sum()])
+    live.train(training)
     head, centre = hits.tolist()
     return head / len(x), centre / len(x)
 
@@ -1003,8 +1028,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             for group in s.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, s.step)
             before = [b.clone() for b in bn_stats]
-            with torch.autocast(device.type, dtype, enabled=dtype is not None):
-                loss, terms, s.centres, s.seen = layermatch_step(model, net.fc, D, s.gen, s.centres, s.seen, cfg, B, uB)
+            step = layermatch_step(model, net.fc, D, s.gen, s.centres, s.seen, cfg, B, uB, dtype)
+            loss, terms, s.centres, s.seen = step
             s.optimizer.zero_grad(set_to_none=True)
             s.scaler.scale(loss).backward()
             s.scaler.step(s.optimizer)  # with fp16, skips the update if a gradient overflowed: normal, not an error
@@ -1029,7 +1054,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             row = progress.log(s.stats.tolist(), s.step)
             if evaluating:
                 with progress.evaluating():
-                    accs = evaluate(s.ema, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
+                    accs = evaluate(s.ema, net, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
                     row["test_acc"], row["centre_acc"] = accs if rank == 0 else (math.nan, math.nan)
                     s.history.append(row)
                     s.stats.zero_()

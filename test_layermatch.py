@@ -236,13 +236,41 @@ def test_strong_augment_draws_two_ops_at_p_half_with_uniform_levels(monkeypatch)
 
 
 def pil_geometric(im, op, v, side):
-    """The geometric ops on PIL, nearest neighbour, mid-gray fill; shears about the centre as ours."""
-    c, gray = side / 2, (128, 128, 128)
+    """The geometric ops as the references write them on PIL: rotate about the centre, shear and translate with
+    AFFINE data (origin top-left), nearest neighbour, mid-gray fill."""
+    gray = (128, 128, 128)
     if op == 7:
         return im.rotate(3 * v, resample=Image.NEAREST, fillcolor=gray)
-    data = {8: (1, 0.03 * v, -0.03 * v * c, 0, 1, 0), 9: (1, 0, 0, 0.03 * v, 1, -0.03 * v * c),
+    data = {8: (1, 0.03 * v, 0, 0, 1, 0), 9: (1, 0, 0, 0.03 * v, 1, 0),
             10: (1, 0, v * side / 32, 0, 1, 0), 11: (1, 0, 0, 0, 1, v * side / 32)}[op]
     return im.transform(im.size, Image.AFFINE, data, resample=Image.NEAREST, fillcolor=gray)
+
+
+def photo_tiles(n, side):
+    """Tiles of scikit-learn's two bundled photographs (china.jpg, flower.jpg) as uint8 [n, 3, side, side]:
+    real edges, gradients and saturated colours, unlike uniform noise."""
+    from sklearn.datasets import load_sample_images
+    photos = [torch.tensor(p).permute(2, 0, 1) for p in load_sample_images().images]  # [3, 427, 640]
+    g = torch.Generator().manual_seed(side)
+    tiles = []
+    for i in range(n):
+        p = photos[i % 2]
+        top, left = (int(torch.randint(s - side, (), generator=g)) for s in p.shape[1:])
+        tiles.append(p[:, top:top + side, left:left + side])
+    return torch.stack(tiles).contiguous()
+
+
+@pytest.mark.parametrize("side", [32, 96])
+def test_shears_match_pil_about_the_top_left_corner(side):
+    """ShearX/ShearY as the official FixMatch code, kekmodel and USB: PIL's AFFINE (1, v, 0, 0, 1, 0), whose
+    origin is the top-left corner. Levels 1, 5, 9, both signs, on photographs: equal but for sampling ties."""
+    x = photo_tiles(12, side)
+    level, sign = torch.tensor([1, 5, 9]).repeat_interleave(2).repeat(2), torch.tensor([1, -1]).repeat(6)
+    for op in (8, 9):
+        ours = lm.affine(x, level, sign, torch.full((12,), op))
+        ref = from_pil([pil_geometric(im, op, int(L * s), side) for im, L, s in zip(pil_images(x), level, sign)])
+        differs = (ours != ref).any(1).float().mean((1, 2))  # per image, share of pixels that differ
+        assert differs.max() < 0.01, (op, differs)
 
 
 @pytest.mark.parametrize("op", lm.GEOMETRIC_OPS)
@@ -282,6 +310,20 @@ def test_every_op_is_per_image(op):
     assert not torch.equal(subset, x)
 
 
+def test_augmentation_is_fp32_under_autocast(tmp_path, monkeypatch):
+    """A GPU run trains under bf16 autocast; its augmentation must still be the fp32 one that the tests check
+    (inside autocast, affine_grid and the Sharpness convolution ran in bf16: ~20% of strong views differed).
+    Two steps of train() with the accelerator paths forced, bf16 against fp32: the same strong views."""
+    monkeypatch.setattr(lm, "_FORCE_ACCELERATOR_PATHS", True)
+    views, real = [], lm.strong_augment
+    monkeypatch.setattr(lm, "strong_augment", lambda *a: views.append(real(*a)) or views[-1])
+    data = synthetic(size=32)
+    for precision in ("fp32", "bf16"):
+        lm.train(lm.Config(dataset="x", labels=8, batch_size=8, uratio=4, depth=10, steps=2, eval_every=2,
+                           precision=precision, out=str(tmp_path / precision)), data=data)
+    assert len(views) == 4 and all(torch.equal(a, b) for a, b in zip(views[:2], views[2:]))
+
+
 def test_accelerator_branch_of_strong_augment_equals_the_cpu_branch(monkeypatch):
     """CUDA and MPS compute every op on the whole batch and select with torch.where; with a mix of ops in
     one batch that branch must give exactly the CPU branch's images (it once indexed outside the
@@ -317,6 +359,21 @@ def test_color_ops_match_pil(op, pil):
     ours = lm.COLOR_OPS[op](x, level, torch.ones(12))
     ref = from_pil([pil(im, int(L)) for im, L in zip(pil_images(x), level)])
     assert (ours.int() - ref.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("op,enhance", [(3, ImageEnhance.Brightness), (4, ImageEnhance.Color),
+                                        (5, ImageEnhance.Contrast), (6, ImageEnhance.Sharpness)])
+def test_enhance_ops_truncate_like_pil_on_photographs(op, enhance):
+    """Brightness, Color, Contrast and Sharpness at levels 1, 5, 9 against ImageEnhance on photographs: PIL's
+    blend truncates and Color's grey is PIL's integer L image, so at most 1 grey level apart, in under 1% of
+    the values (rounding instead of truncating put ~40% one level off)."""
+    x, level = photo_tiles(12, 32), torch.tensor([1, 5, 9]).repeat(4)
+    levels = torch.arange(1, 10)  # the factor is the float32 value of the references' double, to the last bit
+    assert torch.equal(lm.enhance_factor(levels), torch.tensor([0.1 + 1.8 * L / 10 for L in levels.tolist()]))
+    ours = lm.COLOR_OPS[op](x, level, torch.ones(12))
+    ref = from_pil([enhance(im).enhance(0.1 + 1.8 * int(L) / 10) for im, L in zip(pil_images(x), level)])
+    diff = (ours.int() - ref.int()).abs()
+    assert diff.max() <= 1 and diff.bool().float().mean() < 0.01, (diff.max(), diff.bool().float().mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,13 +754,32 @@ def test_the_reported_accuracy_is_the_ema_models(tmp_path):
     ck = weights(out)
     cfg = lm.resolve(lm.Config(**SHORT), False)
     D = digits_on_device(cfg, torch.device("cpu"), torch.channels_last)
-    accuracy = {}
+    nets = {}
     for name in ("ema", "model"):
-        net = lm.WideResNet(10, 28, 2, in_channels=1)
-        net.load_state_dict(ck[name])
-        accuracy[name] = lm.evaluate(net, D["test_x"], D["test_y"], D["normalize"], ck["centres"], ck["seen"])
-    assert ck["history"][-1]["test_acc"] == accuracy["ema"][0] and ck["history"][-1]["centre_acc"] == accuracy["ema"][1]
-    assert accuracy["ema"] != accuracy["model"]  # so the comparison above tells them apart
+        nets[name] = lm.WideResNet(10, 28, 2, in_channels=1).train()
+        nets[name].load_state_dict(ck[name])
+    accuracy = lambda head, features: lm.evaluate(nets[head], nets[features], D["test_x"], D["test_y"],
+                                                  D["normalize"], ck["centres"], ck["seen"])
+    # the head's accuracy is the EMA model's; the nearest-centre accuracy uses the live features, as the centres
+    assert (ck["history"][-1]["test_acc"], ck["history"][-1]["centre_acc"]) == accuracy("ema", "model")
+    assert accuracy("ema", "ema") != accuracy("model", "model")  # so the comparison above tells them apart
+    assert nets["model"].training and not nets["ema"].training  # the live network is back in train mode
+
+
+def test_nearest_centre_accuracy_uses_the_live_features():
+    """The head's accuracy comes from the model evaluated (the EMA copy), the nearest-centre accuracy from the
+    live network's features, which are what the centres average: here the two networks disagree on purpose."""
+    class Net(nn.Module):
+        def __init__(self, sign):
+            super().__init__()
+            self.sign = sign
+
+        def forward(self, x):  # logits = features = +-x
+            return self.sign * x.flatten(1), self.sign * x.flatten(1)
+    x = torch.tensor([[3, 1], [0, 2], [5, 4], [1, 7]], dtype=torch.uint8).view(4, 1, 1, 2)
+    y, ema, live = torch.tensor([0, 1, 0, 1]), Net(-1.0), Net(1.0).train()
+    accs = lm.evaluate(ema, live, x, y, lambda v: v.float(), torch.eye(2), torch.ones(2, dtype=torch.bool))
+    assert accs == (0.0, 1.0) and live.training and not ema.training
 
 
 def test_logged_terms_per_algorithm(tmp_path):
@@ -803,8 +879,7 @@ def test_cuda_training_step_has_no_host_synchronisation(tmp_path, precision):
             torch.cuda.set_sync_debug_mode("error")
         try:
             before = [b.clone() for b in bn_stats]
-            with torch.autocast("cuda", dtype):
-                loss, terms, centres, seen = lm.layermatch_step(net, net.fc, D, gen, centres, seen, cfg, 8, 16)
+            loss, terms, centres, seen = lm.layermatch_step(net, net.fc, D, gen, centres, seen, cfg, 8, 16, dtype)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
