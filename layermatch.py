@@ -36,6 +36,7 @@ import io
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import statistics
@@ -69,7 +70,8 @@ class Config:
     seed: int = arg(0, "seeds the labeled subset, the initialisation, sampling and augmentation")
     data_dir: str = arg("./data", "where torchvision datasets are (or get downloaded to); --dataset folder: the "
                                   "folder of your images", metavar="DIR")
-    image_size: int = arg(32, "--dataset folder: every image is resized to SIZE x SIZE pixels")
+    image_size: int = arg(32, "--dataset folder: the shorter side of every image is resized to SIZE, then the "
+                              "centre SIZE x SIZE is cropped (aspect ratio kept)")
     out: str = arg("", "output folder (default: runs/<dataset>@<labels>-<algorithm>-s<seed>)", metavar="DIR")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     overwrite: bool = arg(False, "delete an existing --out and start afresh")
@@ -88,6 +90,12 @@ class Config:
     ema: float | None = arg(None, "decay d of the weight EMA used for evaluation, warmed up as min(d, (1+k)/(10+k)) "
                                   "(default 0.999)")
     eval_every: int | None = arg(None, "steps between evaluations and checkpoints (default 1024; digits 25)")
+    arch: str = arg("wrn", "network: WideResNet (--depth, --widen, --stages) or torchvision's ResNet (3x3 stem "
+                           "without max-pool below 96 px, ImageNet stem from 96 px)",
+                    choices=["wrn", "resnet18", "resnet50"])
+    pretrained: str = arg("", "start a ResNet from a torchvision state dict FILE, or from torchvision's ImageNet-1k "
+                              "weights with 'imagenet' (downloaded); inputs are then normalised as they expect",
+                          metavar="FILE")
     depth: int = arg(28, "WideResNet depth 6n+4: n blocks per stage")
     stages: int | None = arg(None, "WideResNet stages: 3 (WRN-28-k) or 4 (WRN-37-k, first stage stride 2; "
                                    "default for stl10)", choices=[3, 4])
@@ -123,6 +131,7 @@ ALGORITHM_DEFAULTS = {
     "supervised": dict(grad_relu="off", lambda_ac=0.0),
 }
 IDENTITY = ("dataset", "labels", "seed", "algorithm")  # a resumed run must agree on these
+ARCHS = ("wrn", "resnet18", "resnet50")
 
 class UserError(Exception):
     """A mistake in the input: reported as one line, no traceback."""
@@ -174,7 +183,9 @@ def resolve(cfg: Config, user_data: bool) -> Config:
               (cfg.weight_decay >= 0 and cfg.lambda_u >= 0 and cfg.lambda_ac >= 0, "weights and decays must be >= 0"),
               (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0, "--depth must be 6n+4 with n >= 1 (e.g. 28)"),
               (cfg.stop_at >= 0, "--stop-at must be >= 0"), (not (cfg.resume and cfg.overwrite),
-                                                             "--resume and --overwrite exclude each other")]
+                                                             "--resume and --overwrite exclude each other"),
+              (cfg.arch in ARCHS, f"unknown --arch '{cfg.arch}' (choose from {', '.join(ARCHS)})"),
+              (not cfg.pretrained or cfg.arch != "wrn", "--pretrained needs --arch resnet18 or resnet50")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -230,21 +241,22 @@ def load_data(cfg: Config) -> dict:
                         f"{DOWNLOAD_HINTS[cfg.dataset]} into '{root}' or pass --data-dir") from None
 
 def read_images(paths: list, size: int, desc: str = "images") -> torch.Tensor:
-    """Image files -> uint8 [N, 3, size, size] (RGB; grayscale images get three equal channels)."""
+    """Image files -> uint8 [N, 3, size, size] (RGB; grayscale images get three equal channels): the shorter side
+    resized to size (bilinear, PIL's antialiasing), then the centre size x size crop, so no image is squashed."""
     from PIL import Image
     images = []
     for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < 1000, leave=False):
         try:
             with Image.open(path) as im:
-                images.append(TF.pil_to_tensor(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)))
+                images.append(TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), size), size)))
         except (OSError, ValueError) as e:  # not an image, truncated, unsupported format
             raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
     return torch.stack(images)
 
 def load_folder(root: str, size: int) -> dict:
-    """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* with the same
-    class names, and optionally root/unlabeled/ with images in any sub-folders. 1 channel if every image is
-    grayscale (R = G = B), else RGB."""
+    """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or root/val/, as
+    ImageNet's) with the same class names, and optionally root/unlabeled/ with images in any sub-folders. 1 channel
+    if every image is grayscale (R = G = B), else RGB."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
     def labeled(split, class_to_idx=None):  # (class names, [(path, label)]); test takes train's labels
@@ -259,7 +271,8 @@ def load_folder(root: str, size: int) -> dict:
         except FileNotFoundError as e:  # no folder, no class folders, a class without images
             raise UserError(f"--dataset folder: {e} (expected '{path}/<class>/<image>')") from None
     classes, train = labeled("train")
-    _, test = labeled("test", {c: i for i, c in enumerate(classes)})
+    has_test = os.path.isdir(os.path.join(root, "test")) or not os.path.isdir(os.path.join(root, "val"))
+    _, test = labeled("test" if has_test else "val", {c: i for i, c in enumerate(classes)})
     extra = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, "unlabeled")) for f in files
                    if has_file_allowed_extension(f, IMG_EXTENSIONS))
     if os.path.isdir(os.path.join(root, "unlabeled")) and not extra:
@@ -499,6 +512,65 @@ class WideResNet(nn.Module):
     def forward(self, x):
         f = self.features(x)
         return self.fc(f), f
+
+class ResNet(nn.Module):
+    """torchvision's ResNet-18/50, split as WideResNet: features(x) -> pooled f, and the linear head fc. Below 96 px
+    the usual CIFAR stem (3x3 convolution at stride 1, no max-pool), from 96 px torchvision's ImageNet stem."""
+
+    def __init__(self, arch, num_classes, in_channels=3, image_size=32):
+        super().__init__()
+        import torchvision.models
+        net = getattr(torchvision.models, arch)()
+        if image_size < 96:
+            net.conv1, net.maxpool = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.Identity()
+        elif in_channels != 3:  # the ImageNet stem for grayscale images
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 1.0  # as BatchNorm() above: average_running_stats applies the warmed-up momentum
+        self.fc = nn.Linear(net.fc.in_features, num_classes)
+        nn.init.xavier_normal_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+        net.fc = nn.Identity()
+        self.features = net  # x [N, C, H, W] -> f [N, 512 (resnet18) or 2048 (resnet50)]
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.fc(f), f
+
+IMAGENET_MEAN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's ImageNet weights expect
+
+def load_pretrained(net: ResNet, arch: str, source: str):
+    """--pretrained: torchvision ResNet weights (a state dict FILE, or 'imagenet') for net.features; the file's
+    head is dropped, since it classifies other classes. Anything else that does not fit is one line."""
+    import torchvision.models
+    try:
+        if source == "imagenet":
+            state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
+        else:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # no internet, no such file, not a tensor file
+        what = f"torchvision's ImageNet weights for {arch} (offline? pass a saved state dict FILE)" \
+            if source == "imagenet" else f"'{source}'"
+        raise UserError(f"--pretrained: cannot load {what}: {type(e).__name__}: {' '.join(str(e).split())[:120]}") \
+            from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--pretrained: '{source}' is not a state dict (names -> tensors) of a torchvision {arch}")
+    state, own = {k: v for k, v in state.items() if not k.startswith("fc.")}, net.features.state_dict()
+    bad = next((k for k in [*own, *state] if k not in own or k not in state or own[k].shape != state[k].shape), None)
+    if bad:
+        problem = "missing" if bad not in state else f"not part of a {arch}" if bad not in own else \
+            f"shape {list(state[bad].shape)} where this network has {list(own[bad].shape)}"
+        raise UserError(f"--pretrained: '{source}' does not fit this {arch} (its stem depends on the image size and "
+                        f"channels) at '{bad}': {problem}")
+    net.features.load_state_dict(state)
+
+def make_network(cfg: dict, num_classes: int, shape) -> nn.Module:
+    """The --arch network for images of shape [C, H, W]; cfg is a Config as a dict (a checkpoint's)."""
+    if cfg.get("arch", "wrn") == "wrn":
+        return WideResNet(num_classes, cfg["depth"], cfg["widen"], shape[0], cfg["stages"])
+    return ResNet(cfg["arch"], num_classes, shape[0], min(shape[1:]))
 
 # ---------------------------------------------------------------------------------------------
 # Losses: FixMatch, Grad-ReLU, Avg-Clustering (our reading of arXiv 2406.14207, README section 3)
@@ -765,6 +837,14 @@ def all_reduce(*tensors):
         for t in tensors:
             dist.all_reduce(t)
 
+def rank_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of t over all processes (t itself in a single process)."""
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
 def rank_spread(tensors) -> float:
     """Largest difference of these tensors between processes (0.0 means all ranks agree)."""
     flat = torch.cat([t.detach().float().flatten() for t in tensors])
@@ -794,17 +874,19 @@ class State:
     started: float = field(default_factory=time.time)
 
 def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
-    gens = [s.gen.get_state()] * world
+    mine = (s.gen.get_state(), s.stats.cpu())
+    ranks = [mine] * world
     if world > 1:
-        dist.all_gather_object(gens, s.gen.get_state())  # every process's stream, for an exact resume
+        dist.all_gather_object(ranks, mine)  # every process's stream and sums, for an exact resume
     if rank == 0:
         state = dict(model=s.model.state_dict(), ema=s.ema.state_dict(), optimizer=s.optimizer.state_dict(),
-                     scaler=s.scaler.state_dict(), generators=gens, centres=s.centres, seen=s.seen, stats=s.stats,
+                     scaler=s.scaler.state_dict(), generators=[g for g, _ in ranks], stats=[t for _, t in ranks],
+                     centres=s.centres, seen=s.seen,
                      step=s.step, history=s.history, seconds=s.seconds + time.time() - s.started,
                      config=dataclasses.asdict(cfg), inputs=s.inputs)
         atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda fh: torch.save(state, fh))
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(s.history[0]) if s.history else ["step"])
+        writer = csv.DictWriter(text, fieldnames=list(s.history[0]) if s.history else ["step"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(s.history)
         write_text(os.path.join(cfg.out, "metrics.csv"), text.getvalue())
@@ -813,9 +895,12 @@ def read_checkpoint(out: str) -> dict:
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.exists(path):
         raise UserError(f"there is no checkpoint.pt in '{out}'")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain data only, so that loading someone else's checkpoint cannot run code
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):  # torch refused an object
+            raise UserError(f"checkpoint '{path}' holds Python objects besides tensors and plain data, which could "
+                            "run code when unpickled; not loaded (our checkpoints hold none)") from None
         raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
                         "it was left untouched: move it away or start again with --overwrite") from None
 
@@ -835,8 +920,9 @@ def restore_checkpoint(s: State, cfg: Config, world: int, rank: int):
         s.gen.manual_seed(cfg.seed + 1_000_003 * rank + ck["step"])
         print("note: the checkpoint was written on another device type; sampling continues from a new seed, "
               "so this run will not match an uninterrupted one bit for bit", file=sys.stderr)
-    for name in ("centres", "seen", "stats"):
-        getattr(s, name).copy_(ck[name])
+    s.centres.copy_(ck["centres"])
+    s.seen.copy_(ck["seen"])
+    s.stats.copy_(ck["stats"][rank] if isinstance(ck["stats"], list) else ck["stats"])  # a list since v3
     s.step, s.history, s.seconds = ck["step"], ck["history"], ck["seconds"]
 
 @contextlib.contextmanager
@@ -881,6 +967,8 @@ def to_device(data: dict, labeled: torch.Tensor, cfg: Config, device, fmt) -> di
     channels = data["train_x"].transpose(0, 1).reshape(data["train_x"].shape[1], -1)
     mean = torch.stack([c.float().mean() for c in channels]).view(1, -1, 1, 1).to(device)
     std = torch.stack([c.float().std() for c in channels]).view(1, -1, 1, 1).to(device)
+    if cfg.pretrained:  # the normalisation the pretrained weights were trained with
+        mean, std = (255 * torch.tensor(v, device=device).view(1, -1, 1, 1) for v in IMAGENET_MEAN_STD)
     names = list(data.get("classes") or map(str, range(num_classes)))
     return dict(x=x_u[:len(y)], y=y, x_u=x_u, y_u=torch.cat([y, y.new_full((len(x_u) - len(y),), -1)]),
                 labeled=labeled.to(device),
@@ -889,6 +977,7 @@ def to_device(data: dict, labeled: torch.Tensor, cfg: Config, device, fmt) -> di
                 inputs=dict(mean=mean.cpu(), std=std.cpu(), shape=tuple(data["train_x"].shape[1:]), classes=names))
 
 LONG_RUN = 86400  # seconds: a run projected to take longer gets a note on how to shorten it
+PROJECT_AFTER = 3  # timed steps before that projection
 
 def projection_note(seconds: float, steps: int, device: torch.device) -> str:
     ways = "fewer --steps, or --stop-at to split it into jobs"
@@ -920,14 +1009,21 @@ class Progress:
         self.logged = s.stats.tolist()  # the sums at the last log: each TensorBoard point covers its own steps
         self.t0, self.k0, self.busy, self.projected = None, s.step, 0.0, False
 
-    def start_clock(self, loss, step):
+    def tick(self, loss, step):
+        """After every step. The clock starts once the first step is done (compilation, autotuning); PROJECT_AFTER
+        steps later the run's duration is projected, whatever the machine's load. One host sync each, once."""
         if self.t0 is None:
-            loss.item()  # wait for the first step once
+            loss.item()
             self.t0, self.k0 = time.time(), step
+        elif not self.projected and step == self.k0 + PROJECT_AFTER:
+            loss.item()
+            self.projected, seconds = True, (self.cfg.steps - step) / (self.steps_per_second(step) or math.inf)
+            if self.rank == 0 and seconds > LONG_RUN:
+                self.bar.write(projection_note(seconds, self.cfg.steps, self.device))
 
-    def steps_per_second(self, step) -> float:
+    def steps_per_second(self, step) -> float | None:
         steady = time.time() - self.t0 - self.busy if self.t0 else 0
-        return (step - self.k0) / steady if steady > 0 else math.nan
+        return (step - self.k0) / steady if steady > 0 else None  # None: no steady-state step was timed
 
     def log(self, sums: list, step: int) -> dict:
         """Show the averages since the last evaluation (metrics.csv's row, returned); TensorBoard gets those of
@@ -942,10 +1038,6 @@ class Progress:
                 if k != "step":
                     self.tb.add_scalar(f"train/{k}", v, step)
         self.logged = sums
-        if self.rank == 0 and not self.projected and step > self.k0:
-            self.projected, seconds = True, (self.cfg.steps - step) / self.steps_per_second(step)
-            if seconds > LONG_RUN:
-                self.bar.write(projection_note(seconds, self.cfg.steps, self.device))
         return row
 
     @contextlib.contextmanager
@@ -986,24 +1078,35 @@ def make_optimizer(net: nn.Module, cfg: Config, device) -> torch.optim.SGD:
 
 def train(cfg: Config, data: dict | None = None) -> dict:
     """Train, evaluate and checkpoint one run; returns the summary (also written to summary.json)."""
+    default_recipe = cfg.steps is None
     cfg = resolve(cfg, data is not None)
+    if cfg.resume and (done := finished_summary(cfg)):
+        print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to resume, no file changed", file=sys.stderr)
+        report(done, cfg.out)
+        return done
     SummaryWriter = tensorboard_writer() if cfg.tensorboard else None
     rank, world, device = setup_processes(cfg)
+    if rank == 0 and default_recipe and cfg.dataset == "folder":
+        print(f"note: --dataset folder trains with the CIFAR-10 recipe, {cfg.steps} steps of B={cfg.batch_size}, "
+              f"mu={cfg.uratio}; for a shorter run pass e.g. --steps 20000 --eval-every 500", file=sys.stderr)
     cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
     torch.backends.cudnn.benchmark = device.type == "cuda"
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
-    def load_and_check(first):  # rank 0 first: it downloads; the output folder only once the data and --labels are fine
+    def load_and_check(first):  # rank 0 first: it downloads; the output folder only once data, labels, net are fine
         d = load_data(cfg) if data is None else data
         check_data(d)
-        labeled = labeled_subset(d["train_y"], cfg.labels, int(d["train_y"].max()) + 1, cfg.seed, d.get("classes"))
+        num_classes = int(d["train_y"].max()) + 1
+        labeled = labeled_subset(d["train_y"], cfg.labels, num_classes, cfg.seed, d.get("classes"))
+        torch.manual_seed(cfg.seed)  # the same initialisation on every process
+        net = make_network(dataclasses.asdict(cfg), num_classes, d["train_x"].shape[1:])
+        if cfg.pretrained and not cfg.resume:
+            load_pretrained(net, cfg.arch, cfg.pretrained)
         if first:
             prepare_out(cfg)
-        return d, labeled
-    D = to_device(*rank_zero_first(world, rank, load_and_check), cfg, device, fmt)
-
-    torch.manual_seed(cfg.seed)  # the same initialisation on every process
-    net = WideResNet(D["num_classes"], cfg.depth, cfg.widen, D["x"].shape[1], cfg.stages)
+        return d, labeled, net
+    d, labeled, net = rank_zero_first(world, rank, load_and_check)
+    D = to_device(d, labeled, cfg, device, fmt)
     if world > 1 and device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # BatchNorm statistics over the global batch
     net = net.to(device, memory_format=fmt)
@@ -1039,7 +1142,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             s.step += 1
             bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), s.step, bad_step)
             accumulate(s.stats, loss, terms)
-            progress.start_clock(loss, s.step)
+            progress.tick(loss, s.step)
 
             evaluating = s.step % cfg.eval_every == 0 or s.step == cfg.steps
             if s.step % LOG_EVERY and not evaluating and s.step != cfg.stop_at and not (stop and world == 1):
@@ -1051,11 +1154,11 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             if bad >= 0:
                 raise UserError(f"non-finite loss at step {int(bad)}; stopped. The last checkpoint in '{cfg.out}' "
                                 f"(step {s.history[-1]['step'] if s.history else 'none'}) is intact")
-            row = progress.log(s.stats.tolist(), s.step)
+            row = progress.log(rank_mean(s.stats).tolist(), s.step)  # the figures of the whole global batch
             if evaluating:
-                with progress.evaluating():
-                    accs = evaluate(s.ema, net, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
-                    row["test_acc"], row["centre_acc"] = accs if rank == 0 else (math.nan, math.nan)
+                with progress.evaluating():  # rank 0 alone evaluates: every process holds the same EMA weights
+                    test = (s.ema, net, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
+                    row["test_acc"], row["centre_acc"] = evaluate(*test) if rank == 0 else (math.nan, math.nan)
                     s.history.append(row)
                     s.stats.zero_()
                     save_checkpoint(s, cfg, world, rank)
@@ -1087,9 +1190,24 @@ def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batc
                         rank_spread=rank_spread(list(s.model.parameters()) + list(s.ema.parameters()) + [s.centres]))
         dist.destroy_process_group()
     if rank == 0 and summary["finished"]:
-        write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2))
-        print(f"done: test accuracy median of last 20 evals {summary['test_acc_median_last20']:.2%}, "
-              f"best {summary['test_acc_best']:.2%}, final {summary['test_acc_final']:.2%} -> {cfg.out}")
+        write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2, allow_nan=False))
+        report(summary, cfg.out)
+    return summary
+
+def report(summary: dict, out: str):
+    print(f"done: test accuracy median of last 20 evals {summary['test_acc_median_last20']:.2%}, "
+          f"best {summary['test_acc_best']:.2%}, final {summary['test_acc_final']:.2%} -> {out}")
+
+def finished_summary(cfg: Config) -> dict | None:
+    """--resume of a run that has finished its cfg.steps: its summary.json, so that train() changes nothing."""
+    try:
+        with open(os.path.join(cfg.out, "summary.json")) as fs, open(os.path.join(cfg.out, "config.json")) as fc:
+            summary, saved = json.load(fs), json.load(fc)
+    except (OSError, ValueError):
+        return None  # not finished (or its summary is unreadable: resuming rewrites it)
+    if not (summary.get("finished") and summary.get("steps") == cfg.steps):
+        return None
+    check_resumable(cfg, saved)  # the same experiment, or an error naming the difference
     return summary
 
 # ---------------------------------------------------------------------------------------------
@@ -1110,7 +1228,7 @@ class Classifier(nn.Module):
 
 def classifier(ck: dict, which: str) -> Classifier:
     cfg, inputs = ck["config"], ck["inputs"]
-    net = WideResNet(len(inputs["classes"]), cfg["depth"], cfg["widen"], inputs["shape"][0], cfg["stages"])
+    net = make_network(cfg, len(inputs["classes"]), inputs["shape"])
     net.load_state_dict(ck[which])
     return Classifier(net, inputs, ck["step"]).eval().requires_grad_(False)
 
@@ -1151,41 +1269,59 @@ def evaluate_run(cfg: Config):
 # What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment
 NOT_IN_TABLE = ("seed", "out", "data_dir", "resume", "overwrite", "stop_at", "device", "tensorboard", "precision",
                 "channels_last", "compile", "evaluate", "table")
+OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
+
+def short_names(paths: set) -> dict:
+    """Each path's shortest tail of folder names that no other path in the set shares."""
+    parts = {p: os.path.normpath(p).split(os.sep) for p in paths}
+    names = {}
+    for p, mine in parts.items():
+        k = 1
+        while k < len(mine) and any(o[-k:] == mine[-k:] for q, o in parts.items() if q != p):
+            k += 1
+        names[p] = "/".join(mine[-k:])
+    return names
 
 def results_table(root: str) -> str:
-    """--table: per algorithm (rows) and dataset@labels (columns), mean ± std over seeds of the test accuracy,
-    the median of the last 20 evaluations (and the best), from every summary.json below root. Runs that differ
-    from the recipe's defaults get their own row, labelled with what differs."""
-    cells = {}
+    """--table: per algorithm (rows) and experiment (columns: dataset@labels, with the data folder for your own
+    images), mean ± std over seeds of the test accuracy, the median of the last 20 evaluations, its range over
+    the seeds and the mean best, from every summary.json below root. Runs that differ from the recipe's defaults
+    get their own row, labelled with what differs. Runs of one cell with the same seed are one seed, averaged."""
+    runs = []
     for folder, _, files in sorted(os.walk(root)):
         if "summary.json" in files and "config.json" in files:
             try:
                 with open(os.path.join(folder, "config.json")) as fc, open(os.path.join(folder, "summary.json")) as fs:
-                    cfg, summary = json.load(fc), json.load(fs)
+                    runs.append((folder, json.load(fc), json.load(fs)))
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot read the run in '{folder}' ({type(e).__name__}: {e})") from None
-            default = dataclasses.asdict(resolve(Config(dataset=cfg["dataset"], algorithm=cfg["algorithm"]), True))
-            row = " ".join([cfg["algorithm"]] + [f"{k}={v}" for k, v in cfg.items()
-                                                 if k not in NOT_IN_TABLE + IDENTITY and default.get(k) != v])
-            cells.setdefault((row, f"{cfg['dataset']}@{cfg['labels']}"), []).append(
-                (summary["test_acc_median_last20"], summary["test_acc_best"]))
-    if not cells:
+    if not runs:
         raise UserError(f"no finished runs (summary.json with its config.json) below '{root}'")
+    data_names = short_names({cfg["data_dir"] for _, cfg, _ in runs if cfg["dataset"] in OWN_DATA})
+    cells = {}  # (row, column) -> {seed: [(median, best, folder)]}
+    for folder, cfg, summary in runs:
+        default = dataclasses.asdict(resolve(Config(dataset=cfg["dataset"], algorithm=cfg["algorithm"]), True))
+        row = " ".join([cfg["algorithm"]] + [f"{k}={v}" for k, v in cfg.items()
+                                             if k not in NOT_IN_TABLE + IDENTITY and default.get(k) != v])
+        data = f"{cfg['dataset']}:{data_names[cfg['data_dir']]}" if cfg["dataset"] in OWN_DATA else cfg["dataset"]
+        cells.setdefault((row, (data, cfg["labels"])), {}).setdefault(cfg["seed"], []).append(
+            (summary["test_acc_median_last20"], summary["test_acc_best"], folder))
     rows = sorted({r for r, _ in cells})
-    columns = sorted({c for _, c in cells}, key=lambda c: (c.split("@")[0], int(c.split("@")[1])))
+    columns = sorted({c for _, c in cells})
 
-    def mean_std(values):  # in %; a single seed has no spread to show
-        spread = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
-        return f"{100 * statistics.mean(values):.2f}{spread}"
-
-    def cell(runs):
-        median, best = zip(*runs)
-        return f"{mean_std(median)} ({mean_std(best)}) n={len(runs)}"
-    table = [["", *columns]] + [[r, *(cell(cells[r, c]) if (r, c) in cells else "-" for c in columns)] for r in rows]
+    def cell(seeds):  # in %; each seed's runs averaged first; a single seed has no spread to show
+        median, best = ([100 * statistics.mean(run[i] for run in same) for same in seeds.values()] for i in (0, 1))
+        spread = f" ± {statistics.stdev(median):.2f} [{min(median):.2f}–{max(median):.2f}]" if median[1:] else ""
+        return f"{statistics.mean(median):.2f}{spread} (best {statistics.mean(best):.2f}) n={len(median)}"
+    table = [["", *(f"{d}@{n}" for d, n in columns)]]
+    table += [[r, *(cell(cells[r, c]) if (r, c) in cells else "-" for c in columns)] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
-    return "\n".join(["test accuracy %, mean ± std over n seeds: median of the last 20 evaluations (best)",
-                      lines[0], "-" * len(lines[0]), *lines[1:]])
+    twice = [f"{r} {d}@{n} seed {seed}: {len(same)} runs ({', '.join(os.path.relpath(f, root) for *_, f in same)})"
+             for (r, (d, n)), seeds in sorted(cells.items()) for seed, same in seeds.items() if len(same) > 1]
+    notes = [f"note: runs with the same seed count as one seed, averaged: {'; '.join(twice)}"] if twice else []
+    return "\n".join(["test accuracy %, over n seeds: mean ± std [min–max] of the median of the last 20 evaluations "
+                      "(mean of the best)", lines[0], "-" * len(lines[0]), *lines[1:], *notes])
 
 # ---------------------------------------------------------------------------------------------
 # main

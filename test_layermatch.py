@@ -530,7 +530,7 @@ TINY = ("--dataset", "digits", "--labels", 20, "--batch-size", 8, "--uratio", 2)
 
 def states_equal(a, b):
     """Step, history and every tensor (model, EMA, optimizer, centres, generators) bit-identical."""
-    ca, cb = (torch.load(p, weights_only=False) for p in (a, b))
+    ca, cb = (torch.load(p, weights_only=True) for p in (a, b))
     tensors = lambda c: [*c["model"].values(), *c["ema"].values(), c["centres"], c["seen"], *c["generators"],
                          *(v for s in c["optimizer"]["state"].values() for v in s.values())]
     ta, tb = tensors(ca), tensors(cb)
@@ -562,7 +562,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, sig):
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 128 + sig), err
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)  # loadable whatever the moment of the kill
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)  # loadable whatever the moment of the kill
     assert 20 <= saved["step"] < 120
     if sig == signal.SIGTERM:
         assert "checkpoint saved" in err and "Traceback" not in err
@@ -584,6 +584,32 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
     assert ck.read_bytes() == before
 
 
+class RunsCode:  # what a malicious checkpoint could carry: unpickling it calls os.system
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
+    """Checkpoints load with weights_only=True: load(), --resume and --evaluate refuse one holding an object
+    whose unpickling runs a command, in one line, and the command never runs."""
+    out, marker = tmp_path / "r", tmp_path / "code-ran"
+    common = [f"--{k.replace('_', '-')}={v}" for k, v in SHORT.items()] + ["--steps", 4, "--eval-every", 2]
+    assert run_cli(*common, "--stop-at", 2, "--out", out).returncode == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save(dict(ck, history=[*ck["history"], RunsCode(marker)]), out / "checkpoint.pt")
+    with pytest.raises(lm.UserError, match="could run code"):
+        lm.load(str(out))
+    for extra in (["--resume"], ["--evaluate"]):
+        r = run_cli(*common, *extra, "--out", out)
+        assert r.returncode != 0 and "could run code" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not marker.exists()
+    torch.load(out / "checkpoint.pt", weights_only=False)  # the same file unpickled without the guard runs it
+    assert marker.exists()
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     real = lm.layermatch_loss
     calls = []
@@ -596,7 +622,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     cfg = lm.Config(dataset="digits", labels=20, batch_size=8, uratio=2, steps=40, eval_every=8, out=str(tmp_path / "r"))
     with pytest.raises(lm.UserError, match="non-finite loss at step 11"):
         lm.train(cfg)
-    saved = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 8
     assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
 
@@ -627,6 +653,8 @@ BAD_INPUT = [
     (("--algorithm", "supervised", "--lambda-ac", 1), "--lambda-ac would be ignored"),
     (("--algorithm", "supervised", "--grad-relu", "zero"), "--grad-relu would be ignored"),
     (("--stages", 5), "invalid choice"),
+    (("--arch", "vit"), "invalid choice"),
+    (("--pretrained", "imagenet"), "--pretrained needs --arch resnet18 or resnet50"),
     (("--out", "/proc/no-such-place"), "cannot write"),
 ] + ([] if torch.cuda.is_available() else [(("--device", "cuda"), "not available")])
 
@@ -678,7 +706,7 @@ def digits_on_device(cfg, device, fmt):
 
 
 def weights(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
 
 
 def real_step(grad_relu, tmp_path, monkeypatch):
@@ -734,6 +762,73 @@ def test_in_a_real_step_the_head_learns_from_labels_only(tmp_path, monkeypatch):
     assert not torch.allclose(stem, stem_s)  # while pseudo-labels and Avg-Clustering reach the features
     head, head_s, _, _ = real_step("off", tmp_path, monkeypatch)
     assert not torch.allclose(head, head_s)  # FixMatch: pseudo-labels train the head too
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_a_resnet_at_32_and_96_px_is_split_like_the_wrn(size):
+    """torchvision's ResNet-18 with the CIFAR stem below 96 px and the ImageNet stem from 96 px; in a real step
+    with Grad-ReLU its head's gradient is exactly that of L_s, while the pseudo-labels reach the features."""
+    net = lm.make_network(dict(arch="resnet18"), 4, (3, size, size))
+    stem = net.features.conv1
+    assert (stem.kernel_size, stem.stride, isinstance(net.features.maxpool, nn.Identity)) == \
+        (((3, 3), (1, 1), True) if size < 96 else ((7, 7), (2, 2), False))
+    assert net.fc.in_features == 512 and isinstance(net.features.fc, nn.Identity)
+    assert all(m.momentum == 1.0 for m in net.modules() if isinstance(m, nn.BatchNorm2d))  # see BatchNorm()
+    d = synthetic(n_train=40, size=size)
+    cfg = lm.resolve(lm.Config(dataset="x", labels=8, arch="resnet18", threshold=0.3, out="unused"), True)
+    D = lm.to_device(d, lm.labeled_subset(d["train_y"], 8, 4, 0), cfg, torch.device("cpu"), torch.contiguous_format)
+    centres = F.normalize(torch.randn(4, 512, generator=torch.Generator().manual_seed(0)), dim=1)
+    loss, terms, _, _ = lm.layermatch_step(net, net.fc, D, torch.Generator().manual_seed(0), centres,
+                                           torch.ones(4, dtype=torch.bool), cfg, 4, 8)
+    assert terms["mask"] > 0 and terms["L_u"] > 0 and terms["L_ac"] > 0
+    grad = lambda term, p: torch.autograd.grad(term, p, retain_graph=True)[0]
+    torch.testing.assert_close(grad(loss, net.fc.weight), grad(terms["L_s"], net.fc.weight), rtol=0, atol=0)
+    assert not torch.allclose(grad(loss, stem.weight), grad(terms["L_s"], stem.weight))
+
+
+def test_a_resnet_trains_loads_and_predicts(tmp_path):
+    data = synthetic(n_train=40, size=32)
+    out = tmp_path / "r"
+    summary = lm.train(lm.Config(dataset="x", labels=8, arch="resnet18", batch_size=4, uratio=1, steps=2,
+                                 eval_every=2, out=str(out)), data=data)
+    model = lm.load(str(out))
+    assert isinstance(model.net, lm.ResNet) and model.step == 2
+    classes, _ = lm.predict(model, data["test_x"])
+    assert (classes == data["test_y"]).sum().item() / len(classes) == summary["test_acc_final"]
+
+
+def test_pretrained_weights_from_a_file_and_the_ways_they_do_not_fit(tmp_path):
+    """--pretrained FILE: a torchvision state dict, its head dropped; inputs normalised as ImageNet weights expect.
+    A missing file, a file that is no state dict, another architecture's or another stem's weights: one line
+    each, before the output folder exists."""
+    import torchvision.models
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pt")
+    file = torch.load(tmp_path / "r18.pt", weights_only=True)
+    net = lm.make_network(dict(arch="resnet18"), 4, (3, 96, 96))
+    head = net.fc.weight.clone()
+    lm.load_pretrained(net, "resnet18", str(tmp_path / "r18.pt"))
+    assert all(torch.equal(v, file[k]) for k, v in net.features.state_dict().items())
+    assert torch.equal(net.fc.weight, head)  # the file's 1000-class head is not ours
+    data = synthetic(n_train=40, size=96)
+    run = lambda source, arch="resnet18", size=96, out="run": lm.train(lm.Config(
+        dataset="x", labels=8, arch=arch, pretrained=str(source), batch_size=4, uratio=1, steps=1, eval_every=1,
+        out=str(tmp_path / out)), data=synthetic(n_train=40, size=size) if size != 96 else data)
+    run(tmp_path / "r18.pt")
+    inputs = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["inputs"]
+    torch.testing.assert_close(inputs["mean"].flatten(), 255 * torch.tensor(lm.IMAGENET_MEAN_STD[0]))
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pt")
+    for source, arch, size, message in [
+            (tmp_path / "missing.pt", "resnet18", 96, "cannot load '.*missing.pt': FileNotFoundError"),
+            (tmp_path / "list.pt", "resnet18", 96, "is not a state dict"),
+            (tmp_path / "r50.pt", "resnet18", 96, "at 'layer1.0.conv1.weight': shape \\[64, 64, 1, 1\\] where"),
+            (tmp_path / "r18.pt", "resnet50", 96, "at 'layer1.0.conv1.weight'"),
+            (tmp_path / "r18.pt", "resnet18", 32, "at 'conv1.weight': shape \\[64, 3, 7, 7\\] where this network "
+                                                  "has \\[64, 3, 3, 3\\]")]:
+        with pytest.raises(lm.UserError, match=message):
+            run(source, arch, size, out="bad")
+        assert not (tmp_path / "bad").exists()
 
 
 def test_optimizer_recipe():
@@ -918,16 +1013,40 @@ def test_resume_a_checkpoint_from_another_device_type(tmp_path):
 # Two processes with torchrun (gloo on the CPU)
 
 
-def torchrun(*args, out):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "layermatch.py"), *map(str, (*TINY, "--device", "cpu", "--out", out, *args))]
+def torchrun(*args, out, script=os.path.join(HERE, "layermatch.py")):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+           *map(str, (*TINY, "--device", "cpu", "--out", out, *args))]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
 
 
+RANK_SPY = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+import layermatch as lm
+masks, evaluations, accumulate, evaluate = [], [], lm.accumulate, lm.evaluate
+def spy_accumulate(stats, loss, terms):  # this process's mask rate at every step
+    masks.append(terms["mask"].item())
+    return accumulate(stats, loss, terms)
+lm.accumulate = spy_accumulate
+lm.evaluate = lambda *a: evaluations.append(1) or evaluate(*a)
+lm.main(sys.argv[1:])
+with open(os.path.join({spies!r}, os.environ["RANK"] + ".json"), "w") as fh:
+    json.dump(dict(masks=masks, evaluations=len(evaluations)), fh)
+"""
+
+
 def test_torchrun_two_processes(tmp_path):
-    args = ("--steps", 12, "--eval-every", 4)
-    r = torchrun(*args, out=tmp_path / "ddp")
+    args = ("--steps", 12, "--eval-every", 4, "--threshold", 0.3)  # low tau: the ranks' mask rates differ
+    script = tmp_path / "spy.py"
+    script.write_text(RANK_SPY.format(here=HERE, spies=str(tmp_path)))
+    r = torchrun(*args, out=tmp_path / "ddp", script=script)
     assert r.returncode == 0, r.stderr[-3000:]
+    spies = [json.load(open(tmp_path / f"{rank}.json")) for rank in (0, 1)]
+    assert [s["evaluations"] for s in spies] == [3, 0]  # rank 0 alone evaluates
+    rows = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
+    for i, row in enumerate(rows):  # the logged mask rate is the mean over both ranks of their steps' rates
+        per_rank = [statistics.mean(s["masks"][4 * i:4 * i + 4]) for s in spies]
+        assert per_rank[0] != per_rank[1] and float(row["mask_rate"]) == pytest.approx(statistics.mean(per_rank))
     summary = json.load(open(tmp_path / "ddp" / "summary.json"))
     assert summary["world_size"] == 2 and summary["rank_spread"] == 0.0  # weights, EMA and centres agree
     assert summary["batch_per_rank"] == [[4, 8], [4, 8]]  # global B=8, muB=16, split in half
@@ -1032,6 +1151,20 @@ def test_folder_of_pngs_loads_as_uint8_tensors(tmp_path):
     assert d["train_x"].shape == (18, 3, 8, 8) and d["unlabeled_x"].shape == (6, 3, 8, 8)
     assert (d["train_x"] == d["train_x"][:, :1]).all()  # gray images: three equal channels
     assert d["unlabeled_x"][-1, :, 0, 0].tolist() == [200, 10, 10]  # sorted paths: colour.png last
+
+
+def test_folder_images_keep_their_aspect_ratio_and_val_stands_for_test(tmp_path):
+    """--image-size S: shorter side to S, centre crop S x S (a wide image loses its outer parts, it is not
+    squashed); ImageNet's val/ is read where test/ is missing."""
+    root = image_folder(tmp_path / "pets")
+    wide = Image.new("RGB", (40, 20), (0, 0, 255))
+    wide.paste((255, 0, 0), (0, 0, 10, 20))  # the left quarter is red
+    wide.save(root / "train" / "cat" / "wide.png")
+    d = lm.load_folder(str(root), 8)
+    i = d["train_y"].tolist().index(0) + 6  # sorted paths: 0..5.png, then wide.png
+    assert d["train_x"].shape[1:] == (3, 8, 8) and d["train_x"][i, 0].max() < 64  # squashed, column 0 was red
+    os.rename(root / "test", root / "val")
+    assert torch.equal(lm.load_folder(str(root), 8)["test_x"], d["test_x"])
 
 
 def test_folder_dataset_from_the_shell_then_evaluate_and_predict(tmp_path):
@@ -1215,17 +1348,35 @@ def test_results_table_from_fake_summaries(tmp_path, capsys):
     fake_run(tmp_path / "more", "cifar100", 400, "layermatch", 0, 0.50, 0.55, grad_relu="relu")  # another variant
     lm.main(["--table", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("test accuracy %, mean ± std over n seeds: median of the last 20")
+    assert lines[0].startswith("test accuracy %, over n seeds: mean ± std [min–max] of the median of the last 20")
     header, rows = lines[1].split(" | "), {line.split(" | ")[0].strip(): line.split(" | ") for line in lines[3:]}
     assert [h.strip() for h in header] == ["", "cifar10@40", "cifar10@250", "cifar100@400"]
-    assert rows["layermatch"][1].strip() == "92.00 ± 2.00 (95.00 ± 3.00) n=3"
-    assert rows["fixmatch"][1].strip() == "80.00 (81.00) n=1" and rows["fixmatch"][2].strip() == "85.00 (86.00) n=1"
-    assert rows["layermatch"][3].strip() == "-" and rows["layermatch grad_relu=relu"][3].strip() == "50.00 (55.00) n=1"
+    assert rows["layermatch"][1].strip() == "92.00 ± 2.00 [90.00–94.00] (best 95.00) n=3"
+    assert rows["fixmatch"][1].strip() == "80.00 (best 81.00) n=1"
+    assert rows["fixmatch"][2].strip() == "85.00 (best 86.00) n=1"
+    assert rows["layermatch"][3].strip() == "-" and rows["layermatch grad_relu=relu"][3].strip() == "50.00 (best 55.00) n=1"
     assert len(rows) == 3
     (tmp_path / "cifar10@40-fixmatch-s0" / "summary.json").write_text('{"test_acc_med')  # cut off mid-write
     with pytest.raises(SystemExit) as e:
         lm.main(["--table", str(tmp_path)])
     assert "cannot read the run in" in str(e.value.code) and "cifar10@40-fixmatch-s0" in str(e.value.code)
+
+
+def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
+    """Two image folders are two experiments, not two seeds; two runs with one seed are one seed, flagged."""
+    fake_run(tmp_path / "a", "folder", 4, "layermatch", 0, 0.60, 0.70, data_dir="/data/photos/flowers")
+    fake_run(tmp_path / "b", "folder", 4, "layermatch", 0, 0.80, 0.90, data_dir="/data/scans/flowers")
+    fake_run(tmp_path / "c", "digits", 20, "layermatch", 0, 0.90, 0.91)
+    fake_run(tmp_path / "d", "digits", 20, "layermatch", 0, 0.94, 0.95)  # the same experiment and seed again
+    fake_run(tmp_path / "e", "digits", 20, "layermatch", 1, 0.96, 0.97)
+    lm.main(["--table", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    header, row = [h.strip() for h in lines[1].split(" | ")], [c.strip() for c in lines[3].split(" | ")]
+    assert header == ["", "digits@20", "folder:photos/flowers@4", "folder:scans/flowers@4"]
+    assert row == ["layermatch", "94.00 ± 2.83 [92.00–96.00] (best 95.00) n=2", "60.00 (best 70.00) n=1",
+                   "80.00 (best 90.00) n=1"]  # seed 0 of digits: the mean of its two runs, 92
+    assert len(lines) == 5 and lines[4].startswith("note: runs with the same seed count as one seed, averaged: "
+                                                   "layermatch digits@20 seed 0: 2 runs (c/digits@20-layermatch-s0")
 
 
 FAKE_PYTHON = """#!/bin/sh
@@ -1259,6 +1410,52 @@ def test_run_cifar_skips_finished_resumes_interrupted_and_starts_the_rest(tmp_pa
     assert by_out["runs/cifar100@400-fixmatch-s0"] == (
         "layermatch.py --dataset cifar100 --labels 400 --algorithm fixmatch --seed 0 --out runs/cifar100@400-fixmatch-s0 "
         "--device cpu")
+
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity, as jq and JavaScript do."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+
+def test_a_finished_run_is_left_as_it_was(tmp_path, capsys):
+    """--resume on a finished run prints its result and changes no file; summary.json is strict JSON even for a
+    run that timed no step; metrics.csv ends its lines with \\n."""
+    out = tmp_path / "r"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in SHORT.items()] + ["--steps", 4, "--eval-every", 2, "--out", out]
+    lm.main(list(map(str, args)))
+    files = {name: (out / name).read_bytes() for name in ("config.json", "summary.json", "metrics.csv", "checkpoint.pt")}
+    assert b"\r" not in files["metrics.csv"] and strict_json(files["summary.json"])["steps_per_second"] > 0
+    capsys.readouterr()
+    lm.main(list(map(str, args + ["--resume"])))
+    assert {name: (out / name).read_bytes() for name in files} == files
+    printed = capsys.readouterr()
+    assert "has finished its 4 steps" in printed.err and "done: test accuracy" in printed.out
+    os.remove(out / "summary.json")  # killed after its last checkpoint, before the summary: resume writes it
+    lm.main(list(map(str, args + ["--resume"])))
+    summary = strict_json((out / "summary.json").read_text())
+    assert summary["finished"] and summary["steps_per_second"] is None  # no step ran, so no speed (was NaN)
+
+
+def test_the_projection_comes_after_the_first_timed_steps(tmp_path, monkeypatch):
+    """On a loaded machine the first log (16 steps) can be minutes away: the long-run note comes 3 steps after
+    the first one, however slow they are."""
+    steps, real = [], lm.layermatch_step
+    monkeypatch.setattr(lm, "layermatch_step", lambda *a: steps.append(1) or real(*a))
+    notes = []
+    monkeypatch.setattr(lm, "projection_note", lambda *a: notes.append(len(steps)) or "note: long")
+    monkeypatch.setattr(lm, "LONG_RUN", 0)
+    lm.train(lm.Config(**SHORT, steps=12, eval_every=12, out=str(tmp_path / "r")))
+    assert notes == [1 + lm.PROJECT_AFTER]
+
+
+def test_a_folder_run_on_the_default_recipe_says_so_first(tmp_path, capsys):
+    root = image_folder(tmp_path / "pets")
+    common = ["--dataset", "folder", "--data-dir", root, "--labels", 6, "--image-size", 8, "--batch-size", 4,
+              "--uratio", 1, "--depth", 10, "--widen", 1]
+    lm.main(list(map(str, common + ["--stop-at", 1, "--out", tmp_path / "a"])))
+    assert "note: --dataset folder trains with the CIFAR-10 recipe, 1048576 steps" in capsys.readouterr().err
+    lm.main(list(map(str, common + ["--steps", 2, "--out", tmp_path / "b"])))
+    assert "CIFAR-10 recipe" not in capsys.readouterr().err
 
 
 def test_a_run_longer_than_a_day_says_how_to_shorten_it(tmp_path, monkeypatch, capsys):
