@@ -11,6 +11,8 @@ us; section "Our reading of the method" in README.md says exactly what we implem
     python layermatch.py --dataset digits --labels 20                   # offline demo, minutes on a CPU
     python layermatch.py --dataset cifar10 --labels 40 --resume         # continue an interrupted run
     python layermatch.py --dataset folder --data-dir PATH --labels 40   # PATH/train/<class>/*, PATH/test/<class>/*
+    python layermatch.py --dataset folder --data-dir PATH --labels 40 --image-size 128 --arch resnet18
+    python layermatch.py --dataset imagenet100 --data-dir ROOT --labels 1300   # ResNet-50, 224 px, 13 per class
     python layermatch.py --evaluate --out runs/cifar10@40-layermatch-s0 # test accuracy of a saved run
     python layermatch.py --table runs                                   # mean ± std over seeds of finished runs
     torchrun --nproc_per_node=4 layermatch.py --dataset cifar100 --labels 400   # batch = global batch
@@ -63,15 +65,15 @@ def arg(default, help, **kw):
 class Config:
     # run
     dataset: str = arg("cifar10", "cifar10 | cifar100 | svhn | stl10 | digits (offline) | folder (your images in "
-                                  "--data-dir: train/<class>/, test/<class>/, optional unlabeled/); any name with "
-                                  "train(data=...)")
+                                  "--data-dir: train/<class>/, test/<class>/ or val/, optional unlabeled/) | "
+                                  "imagenet100 (ImageNet's folders in --data-dir); any name with train(data=...)")
     labels: int = arg(40, "number of labeled training images, class-balanced")
     algorithm: str = arg("layermatch", "what to train", choices=["layermatch", "fixmatch", "supervised"])
     seed: int = arg(0, "seeds the labeled subset, the initialisation, sampling and augmentation")
     data_dir: str = arg("./data", "where torchvision datasets are (or get downloaded to); --dataset folder: the "
                                   "folder of your images", metavar="DIR")
-    image_size: int = arg(32, "--dataset folder: the shorter side of every image is resized to SIZE, then the "
-                              "centre SIZE x SIZE is cropped (aspect ratio kept)")
+    image_size: int | None = arg(None, "--dataset folder, imagenet100: the shorter side of every image is resized "
+                                       "to SIZE, then the centre SIZE x SIZE is cropped (default 32; imagenet100 224)")
     out: str = arg("", "output folder (default: runs/<dataset>@<labels>-<algorithm>-s<seed>)", metavar="DIR")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     overwrite: bool = arg(False, "delete an existing --out and start afresh")
@@ -90,9 +92,9 @@ class Config:
     ema: float | None = arg(None, "decay d of the weight EMA used for evaluation, warmed up as min(d, (1+k)/(10+k)) "
                                   "(default 0.999)")
     eval_every: int | None = arg(None, "steps between evaluations and checkpoints (default 1024; digits 25)")
-    arch: str = arg("wrn", "network: WideResNet (--depth, --widen, --stages) or torchvision's ResNet (3x3 stem "
-                           "without max-pool below 96 px, ImageNet stem from 96 px)",
-                    choices=["wrn", "resnet18", "resnet50"])
+    arch: str | None = arg(None, "network: WideResNet (--depth, --widen, --stages) or torchvision's ResNet (3x3 "
+                                 "stem without max-pool below 96 px, ImageNet stem from 96 px) (default wrn; "
+                                 "imagenet100 resnet50)", choices=["wrn", "resnet18", "resnet50"])
     pretrained: str = arg("", "start a ResNet from a torchvision state dict FILE, or from torchvision's ImageNet-1k "
                               "weights with 'imagenet' (downloaded); inputs are then normalised as they expect",
                           metavar="FILE")
@@ -122,9 +124,11 @@ DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo
     "stl10": dict(stages=4),  # WRN-37-2, as the FixMatch paper (USB's wrn_var_37_2)
     "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False),
     "folder": dict(),
+    "imagenet100": dict(arch="resnet50", image_size=224, batch_size=32, weight_decay=3e-4),  # TorchSSL's ImageNet
 }
 BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, stages=3, weight_decay=5e-4, ema=0.999,
-                     hflip=True, threshold=0.95, lambda_u=1.0)
+                     hflip=True, threshold=0.95, lambda_u=1.0, arch="wrn", image_size=32)
+
 ALGORITHM_DEFAULTS = {
     "layermatch": dict(grad_relu="zero", lambda_ac=1.0),
     "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
@@ -201,6 +205,19 @@ DOWNLOAD_HINTS = {  # what torchvision looks for in --data-dir
     "stl10": "stl10_binary.tar.gz or its extracted stl10_binary/ (https://cs.stanford.edu/~acoates/stl10/)",
 }
 
+IMAGENET100 = (  # the 100 classes of CMC (Tian et al. 2019, imagenet100.txt), as solo-learn and most SSL papers
+    "n01558993 n01692333 n01729322 n01735189 n01749939 n01773797 n01820546 n01855672 n01978455 n01980166 n01983481 "
+    "n02009229 n02018207 n02085620 n02086240 n02086910 n02087046 n02089867 n02089973 n02090622 n02091831 n02093428 "
+    "n02099849 n02100583 n02104029 n02105505 n02106550 n02107142 n02108089 n02109047 n02113799 n02113978 n02114855 "
+    "n02116738 n02119022 n02123045 n02138441 n02172182 n02231487 n02259212 n02326432 n02396427 n02483362 n02488291 "
+    "n02701002 n02788148 n02804414 n02859443 n02869837 n02877765 n02974003 n03017168 n03032252 n03062245 n03085013 "
+    "n03259280 n03379051 n03424325 n03492542 n03494278 n03530642 n03584829 n03594734 n03637318 n03642806 n03764736 "
+    "n03775546 n03777754 n03785016 n03787032 n03794056 n03837869 n03891251 n03903868 n03930630 n03947888 n04026417 "
+    "n04067472 n04099969 n04111531 n04127249 n04136333 n04229816 n04238763 n04336792 n04418357 n04429376 n04435653 "
+    "n04485082 n04493381 n04517823 n04589890 n04592741 n07714571 n07715103 n07753275 n07831146 n07836838 n13037406 "
+    "n13040303"
+).split()
+
 def load_digits():
     """scikit-learn's bundled 8x8 digits (1797 images, no download): a fixed 1297/500 train/test split."""
     try:
@@ -220,6 +237,8 @@ def load_data(cfg: Config) -> dict:
         return load_digits()
     if cfg.dataset == "folder":
         return load_folder(cfg.data_dir, cfg.image_size)
+    if cfg.dataset == "imagenet100":
+        return load_folder(cfg.data_dir, cfg.image_size, only=IMAGENET100)
     import torchvision.datasets as D
     nhwc = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # CIFAR stores [N, H, W, C]
     root = cfg.data_dir
@@ -239,51 +258,6 @@ def load_data(cfg: Config) -> dict:
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
         raise UserError(f"could not load {cfg.dataset} from '{root}' ({reason}). Without internet, put "
                         f"{DOWNLOAD_HINTS[cfg.dataset]} into '{root}' or pass --data-dir") from None
-
-def read_images(paths: list, size: int, desc: str = "images") -> torch.Tensor:
-    """Image files -> uint8 [N, 3, size, size] (RGB; grayscale images get three equal channels): the shorter side
-    resized to size (bilinear, PIL's antialiasing), then the centre size x size crop, so no image is squashed."""
-    from PIL import Image
-    images = []
-    for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < 1000, leave=False):
-        try:
-            with Image.open(path) as im:
-                images.append(TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), size), size)))
-        except (OSError, ValueError) as e:  # not an image, truncated, unsupported format
-            raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
-    return torch.stack(images)
-
-def load_folder(root: str, size: int) -> dict:
-    """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or root/val/, as
-    ImageNet's) with the same class names, and optionally root/unlabeled/ with images in any sub-folders. 1 channel
-    if every image is grayscale (R = G = B), else RGB."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
-
-    def labeled(split, class_to_idx=None):  # (class names, [(path, label)]); test takes train's labels
-        path = os.path.join(root, split)
-        try:
-            classes, own = find_classes(path)
-            class_to_idx = class_to_idx or own
-            unknown = sorted(set(classes) - set(class_to_idx))
-            if unknown:
-                raise UserError(f"the test class '{unknown[0]}' in '{path}' is not a folder of '{root}/train'")
-            return classes, make_dataset(path, class_to_idx, IMG_EXTENSIONS)
-        except FileNotFoundError as e:  # no folder, no class folders, a class without images
-            raise UserError(f"--dataset folder: {e} (expected '{path}/<class>/<image>')") from None
-    classes, train = labeled("train")
-    has_test = os.path.isdir(os.path.join(root, "test")) or not os.path.isdir(os.path.join(root, "val"))
-    _, test = labeled("test" if has_test else "val", {c: i for i, c in enumerate(classes)})
-    extra = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, "unlabeled")) for f in files
-                   if has_file_allowed_extension(f, IMG_EXTENSIONS))
-    if os.path.isdir(os.path.join(root, "unlabeled")) and not extra:
-        raise UserError(f"--dataset folder: no images in '{os.path.join(root, 'unlabeled')}'")
-    splits = [read_images([p for p, _ in train], size, "train"), read_images([p for p, _ in test], size, "test")]
-    splits += [read_images(extra, size, "unlabeled")] if extra else []
-    gray = all((x == x[:, :1]).all() for x in splits)  # every image has R = G = B
-    x = [images[:, :1] if gray else images for images in splits]
-    label = lambda samples: torch.tensor([k for _, k in samples])
-    return dict(train_x=x[0], train_y=label(train), test_x=x[1], test_y=label(test),
-                unlabeled_x=x[2] if extra else None, classes=classes)
 
 def check_data(data: dict):
     """Validate the data (user tensors especially) so that mistakes are one clear line before any work starts."""
@@ -464,7 +438,7 @@ def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(hole[:, None], 128)
 
 # ---------------------------------------------------------------------------------------------
-# Network: pre-activation WideResNet as in the FixMatch ports, features() and fc kept apart.
+# Network: pre-activation WideResNet as in the FixMatch ports, or torchvision's ResNet; features() and fc kept apart.
 
 BN_MOMENTUM = 0.001  # FixMatch's BatchNorm momentum m, applied by average_running_stats
 
@@ -538,33 +512,6 @@ class ResNet(nn.Module):
     def forward(self, x):
         f = self.features(x)
         return self.fc(f), f
-
-IMAGENET_MEAN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's ImageNet weights expect
-
-def load_pretrained(net: ResNet, arch: str, source: str):
-    """--pretrained: torchvision ResNet weights (a state dict FILE, or 'imagenet') for net.features; the file's
-    head is dropped, since it classifies other classes. Anything else that does not fit is one line."""
-    import torchvision.models
-    try:
-        if source == "imagenet":
-            state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
-        else:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:  # no internet, no such file, not a tensor file
-        what = f"torchvision's ImageNet weights for {arch} (offline? pass a saved state dict FILE)" \
-            if source == "imagenet" else f"'{source}'"
-        raise UserError(f"--pretrained: cannot load {what}: {type(e).__name__}: {' '.join(str(e).split())[:120]}") \
-            from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--pretrained: '{source}' is not a state dict (names -> tensors) of a torchvision {arch}")
-    state, own = {k: v for k, v in state.items() if not k.startswith("fc.")}, net.features.state_dict()
-    bad = next((k for k in [*own, *state] if k not in own or k not in state or own[k].shape != state[k].shape), None)
-    if bad:
-        problem = "missing" if bad not in state else f"not part of a {arch}" if bad not in own else \
-            f"shape {list(state[bad].shape)} where this network has {list(own[bad].shape)}"
-        raise UserError(f"--pretrained: '{source}' does not fit this {arch} (its stem depends on the image size and "
-                        f"channels) at '{bad}': {problem}")
-    net.features.load_state_dict(state)
 
 def make_network(cfg: dict, num_classes: int, shape) -> nn.Module:
     """The --arch network for images of shape [C, H, W]; cfg is a Config as a dict (a checkpoint's)."""
@@ -681,6 +628,86 @@ def layermatch_step(model, head, data, gen, centres, seen, cfg, B, uB, dtype=Non
     hidden = data["y_u"][i_u]  # true labels of the unlabeled batch (-1: unknown), for diagnostics only
     terms |= dict(mask=mask.mean(), pl_correct=(mask * (y_hat == hidden)).sum(), pl_known=(mask * (hidden >= 0)).sum())
     return loss, terms, centres, seen
+
+# ---------------------------------------------------------------------------------------------
+# Your own images and pretrained weights: reading them in, every mistake one line
+
+def read_images(paths: list, size: int, desc: str = "images") -> torch.Tensor:
+    """Image files -> uint8 [N, 3, size, size] (RGB; grayscale images get three equal channels): the shorter side
+    resized to size (bilinear, PIL's antialiasing), then the centre size x size crop, so no image is squashed."""
+    from PIL import Image
+    images = []
+    for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < 1000, leave=False):
+        try:
+            with Image.open(path) as im:
+                images.append(TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), size), size)))
+        except (OSError, ValueError) as e:  # not an image, truncated, unsupported format
+            raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
+    return torch.stack(images)
+
+def load_folder(root: str, size: int, only: list | None = None) -> dict:
+    """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or root/val/, as
+    ImageNet's) with the same class names, and optionally root/unlabeled/ with images in any sub-folders. 1 channel
+    if every image is grayscale (R = G = B), else RGB. With `only`, those classes of many (ImageNet-100's)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
+
+    def labeled(split, class_to_idx=None):  # (class names, [(path, label)]); test takes train's labels
+        path = os.path.join(root, split)
+        try:
+            classes, own = find_classes(path)
+            if only:
+                missing = sorted(set(only) - set(classes))
+                if missing:
+                    raise UserError(f"'{path}' lacks {len(missing)} of the {len(only)} classes, e.g. '{missing[0]}'")
+                classes, own = sorted(only), {c: i for i, c in enumerate(sorted(only))}
+            class_to_idx = class_to_idx or own
+            unknown = sorted(set(classes) - set(class_to_idx))
+            if unknown:
+                raise UserError(f"the test class '{unknown[0]}' in '{path}' is not a folder of '{root}/train'")
+            return classes, make_dataset(path, class_to_idx, IMG_EXTENSIONS)
+        except FileNotFoundError as e:  # no folder, no class folders, a class without images
+            raise UserError(f"--dataset folder: {e} (expected '{path}/<class>/<image>')") from None
+    classes, train = labeled("train")
+    has_test = os.path.isdir(os.path.join(root, "test")) or not os.path.isdir(os.path.join(root, "val"))
+    _, test = labeled("test" if has_test else "val", {c: i for i, c in enumerate(classes)})
+    extra = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, "unlabeled")) for f in files
+                   if has_file_allowed_extension(f, IMG_EXTENSIONS))
+    if os.path.isdir(os.path.join(root, "unlabeled")) and not extra:
+        raise UserError(f"--dataset folder: no images in '{os.path.join(root, 'unlabeled')}'")
+    splits = [read_images([p for p, _ in train], size, "train"), read_images([p for p, _ in test], size, "test")]
+    splits += [read_images(extra, size, "unlabeled")] if extra else []
+    gray = all((x == x[:, :1]).all() for x in splits)  # every image has R = G = B
+    x = [images[:, :1] if gray else images for images in splits]
+    label = lambda samples: torch.tensor([k for _, k in samples])
+    return dict(train_x=x[0], train_y=label(train), test_x=x[1], test_y=label(test),
+                unlabeled_x=x[2] if extra else None, classes=classes)
+
+IMAGENET_MEAN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's ImageNet weights expect
+
+def load_pretrained(net: ResNet, arch: str, source: str):
+    """--pretrained: torchvision ResNet weights (a state dict FILE, or 'imagenet') for net.features; the file's
+    head is dropped, since it classifies other classes. Anything else that does not fit is one line."""
+    import torchvision.models
+    try:
+        if source == "imagenet":
+            state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
+        else:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # no internet, no such file, not a tensor file
+        what = f"torchvision's ImageNet weights for {arch} (offline? pass a saved state dict FILE)" \
+            if source == "imagenet" else f"'{source}'"
+        raise UserError(f"--pretrained: cannot load {what}: {type(e).__name__}: {' '.join(str(e).split())[:120]}") \
+            from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"--pretrained: '{source}' is not a state dict (names -> tensors) of a torchvision {arch}")
+    state, own = {k: v for k, v in state.items() if not k.startswith("fc.")}, net.features.state_dict()
+    bad = next((k for k in [*own, *state] if k not in own or k not in state or own[k].shape != state[k].shape), None)
+    if bad:
+        problem = "missing" if bad not in state else f"not part of a {arch}" if bad not in own else \
+            f"shape {list(state[bad].shape)} where this network has {list(own[bad].shape)}"
+        raise UserError(f"--pretrained: '{source}' does not fit this {arch} (its stem depends on the image size and "
+                        f"channels) at '{bad}': {problem}")
+    net.features.load_state_dict(state)
 
 # ---------------------------------------------------------------------------------------------
 # EMA, schedule, evaluation

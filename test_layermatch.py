@@ -831,6 +831,18 @@ def test_pretrained_weights_from_a_file_and_the_ways_they_do_not_fit(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+def test_pretrained_imagenet_offline_is_one_line(monkeypatch):
+    import urllib.error
+    import torchvision.models
+
+    class Offline:
+        def get_state_dict(self, progress):
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda arch: type("W", (), dict(DEFAULT=Offline())))
+    with pytest.raises(lm.UserError, match="ImageNet weights for resnet50 .offline. pass a saved state dict FILE.: URLE"):
+        lm.load_pretrained(lm.make_network(dict(arch="resnet50"), 4, (3, 96, 96)), "resnet50", "imagenet")
+
+
 def test_optimizer_recipe():
     net = lm.WideResNet(10, 10, 1)
     cfg = lm.resolve(lm.Config(dataset="cifar10"), False)
@@ -1165,6 +1177,25 @@ def test_folder_images_keep_their_aspect_ratio_and_val_stands_for_test(tmp_path)
     assert d["train_x"].shape[1:] == (3, 8, 8) and d["train_x"][i, 0].max() < 64  # squashed, column 0 was red
     os.rename(root / "test", root / "val")
     assert torch.equal(lm.load_folder(str(root), 8)["test_x"], d["test_x"])
+
+
+def test_imagenet100_is_the_100_listed_classes_of_an_imagenet_folder(tmp_path):
+    """ImageNet's layout (train/<wnid>/, val/<wnid>/) restricted to CMC's 100 classes, TorchSSL's ImageNet recipe."""
+    assert len(set(lm.IMAGENET100)) == 100 and all(re.fullmatch(r"n\d{8}", w) for w in lm.IMAGENET100)
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for k, wnid in enumerate(sorted(lm.IMAGENET100) + ["n99999999"]):  # and one of the other 900 classes
+            write_png(root / split / wnid / f"{split}.png", k, size=(6, 4))
+    cfg = lm.resolve(lm.Config(dataset="imagenet100", data_dir=str(root), labels=100, image_size=4), False)
+    assert (cfg.arch, cfg.batch_size, cfg.uratio, cfg.threshold, cfg.lr, cfg.weight_decay, cfg.ema, cfg.steps) == \
+        ("resnet50", 32, 7, 0.95, 0.03, 3e-4, 0.999, 2**20)
+    assert lm.resolve(lm.Config(dataset="imagenet100"), False).image_size == 224
+    d = lm.load_data(cfg)
+    assert d["classes"] == sorted(lm.IMAGENET100) and d["train_x"].shape == d["test_x"].shape == (100, 1, 4, 4)
+    assert d["train_y"].tolist() == list(range(100)) and d["train_x"][:, 0, 0, 0].tolist() == list(range(100))
+    shutil.rmtree(root / "val" / lm.IMAGENET100[7])
+    with pytest.raises(lm.UserError, match=f"lacks 1 of the 100 classes, e.g. '{lm.IMAGENET100[7]}'"):
+        lm.load_data(cfg)
 
 
 def test_folder_dataset_from_the_shell_then_evaluate_and_predict(tmp_path):
