@@ -121,14 +121,13 @@ class Config:
 
 DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
     "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False),
-    "stl10": dict(stages=4),  # WRN-37-2, as the FixMatch paper (USB's wrn_var_37_2)
+    "stl10": dict(stages=4),  # WRN-37-2 in USB's layout (wrn_var_37_2; README: Network)
     "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False),
     "folder": dict(),
     "imagenet100": dict(arch="resnet50", image_size=224, batch_size=32, weight_decay=3e-4),  # TorchSSL's ImageNet
 }
 BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, stages=3, weight_decay=5e-4, ema=0.999,
                      hflip=True, threshold=0.95, lambda_u=1.0, arch="wrn", image_size=32)
-
 ALGORITHM_DEFAULTS = {
     "layermatch": dict(grad_relu="zero", lambda_ac=1.0),
     "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
@@ -520,7 +519,7 @@ def make_network(cfg: dict, num_classes: int, shape) -> nn.Module:
     return ResNet(cfg["arch"], num_classes, shape[0], min(shape[1:]))
 
 # ---------------------------------------------------------------------------------------------
-# Losses: FixMatch, Grad-ReLU, Avg-Clustering (our reading of arXiv 2406.14207, README section 3)
+# Losses: FixMatch, Grad-ReLU, Avg-Clustering (our reading of arXiv 2406.14207: README, Our reading)
 
 def pseudo_label(z_weak: torch.Tensor, tau: float):
     """FixMatch: hard pseudo-label y_hat = argmax p(weak view), kept where max p >= tau (mask m)."""
