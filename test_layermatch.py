@@ -835,10 +835,11 @@ def test_pretrained_weights_from_a_file_and_the_ways_they_do_not_fit(tmp_path):
     lm.load_pretrained(net, "resnet18", str(tmp_path / "r18.pt"))
     assert all(torch.equal(v, file[k]) for k, v in net.features.state_dict().items())
     assert torch.equal(net.fc.weight, head)  # the file's 1000-class head is not ours
-    data = synthetic(n_train=40, size=96)
-    run = lambda source, arch="resnet18", size=96, out="run": lm.train(lm.Config(
-        dataset="x", labels=8, arch=arch, pretrained=str(source), batch_size=4, uratio=1, steps=1, eval_every=1,
-        out=str(tmp_path / out)), data=synthetic(n_train=40, size=size) if size != 96 else data)
+
+    def run(source, arch="resnet18", size=96, out="run"):
+        cfg = lm.Config(dataset="x", labels=8, arch=arch, pretrained=str(source), batch_size=4, uratio=1, steps=1,
+                        eval_every=1, out=str(tmp_path / out))
+        return lm.train(cfg, data=synthetic(n_train=40, size=size))
     run(tmp_path / "r18.pt")
     inputs = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["inputs"]
     torch.testing.assert_close(inputs["mean"].flatten(), 255 * torch.tensor(lm.IMAGENET_MEAN_STD[0]))
