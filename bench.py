@@ -7,8 +7,12 @@ bench.py: throughput of layermatch.py next to a classic per-image PIL pipeline, 
 Prints, for this device and config, on synthetic uint8 images of the dataset's shape: augmentation
 throughput ((weak, strong) pairs per second) against the same recipe run per image on PIL with
 torchvision transforms (what the classic implementations do in DataLoader workers), with one thread
-each and with all threads; then the full training step in our configuration against the same model in
-plain NCHW fp32. Every ratio ends its line as N.Nx. It also estimates the run's device memory.
+each and with all threads; decoding JPEG files with all cores against one PIL read after another; then the
+full training step in our configuration against the same model in plain NCHW fp32, and with the images in
+host memory (--data-on host) against on the device. Every ratio ends its line as N.NNx. First it estimates
+the run's device memory, with the data on the device and on the host:
+
+    python bench.py --dataset imagenet100 --device cpu --batch-size 2 --uratio 1   # ResNet-50 at 224 px
 """
 import contextlib
 import dataclasses
@@ -61,39 +65,57 @@ def seconds_per_call(fn, device, min_seconds=2.0):
     return (time.time() - start) / calls
 
 
-DATASET_SIZES = {"cifar10": (60000, 10), "cifar100": (60000, 100), "svhn": (99289, 10), "stl10": (113000, 10)}  # images
+DATASET_SIZES = {"cifar10": (60000, 10), "cifar100": (60000, 100), "svhn": (99289, 10), "stl10": (113000, 10),
+                 "imagenet100": (131689, 100)}  # images; ImageNet-100: 126,689 train + 5,000 val, as usually given
+SHAPES = {"digits": (1, 8), "stl10": (3, 96), "imagenet100": (3, 224)}  # (C, S); the rest (3, 32)
 
 
-def memory_estimate(cfg: lm.Config, C: int, S: int) -> str:
-    """Device memory of a training run, measured on the CPU: the dataset as uint8, fp32 weights + gradients
-    + momentum + EMA, and the activations one step saves for backward (saved-tensor hooks, bf16 autocast,
-    8 images scaled to the step's batch). A GPU adds allocator slack, workspaces and its context."""
+def memory_estimate(cfg: lm.Config, C: int, S: int, B: int, uB: int) -> list:
+    """Device memory of a training run, measured on the CPU (lm.training_memory: fp32 weights + gradients + momentum
+    + EMA, and the activations one step saves for backward, bf16 autocast and fp32) with the uint8 dataset on the
+    device or in host memory; on the host, the device holds two steps' batches (one in use, one prefetched)."""
     n_images, classes = DATASET_SIZES.get(cfg.dataset, (0, 10))
-    net = lm.WideResNet(classes, cfg.depth, cfg.widen, C, cfg.stages).to(memory_format=torch.channels_last)
-    storages = {}  # each saved storage once: several ops save the same tensor
+    net = lm.make_network(dataclasses.asdict(cfg), classes, (C, S, S))
+    images, GB = B + 2 * uB, 1e9
+    data, state = n_images * C * S * S / GB, 16 * sum(p.numel() for p in net.parameters()) / GB
+    bf16, fp32 = (lm.training_memory(net, (C, S, S), images, dtype) / GB for dtype in (torch.bfloat16, None))
+    batches = 2 * (B + uB) * C * S * S / GB
+    return [f"device memory estimate, data on the device: data {data:.2f} GB + weights, grads, momentum, EMA "
+            f"{state:.2f} GB + activations {bf16 - state:.2f} GB (bf16/fp16; fp32 {fp32 - state:.2f} GB) "
+            f"= {data + bf16:.1f} GB (fp32 {data + fp32:.1f} GB)",
+            f"device memory estimate, data on the host (--data-on host): {bf16 + batches:.1f} GB (fp32 "
+            f"{fp32 + batches:.1f} GB), of which {batches:.2f} GB two steps' batches; host memory {data:.2f} GB "
+            f"(the memory-mapped cache: one copy for all processes of a machine)"]
 
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
-        net(torch.randn(8, C, S, S).contiguous(memory_format=torch.channels_last))
-    data = n_images * C * S * S / 1e9
-    state = 4 * 4 * sum(p.numel() for p in net.parameters()) / 1e9
-    activations = sum(storages.values()) / 8 * cfg.batch_size * (1 + 2 * cfg.uratio) / 1e9
-    total = data + state + activations
-    return (f"device memory estimate (measured on this CPU, bf16/fp16 activations): data {data:.2f} GB + weights, "
-            f"grads, momentum, EMA {state:.2f} GB + activations {activations:.2f} GB = {total:.1f} GB")
+
+def decode_speed(S: int, n: int = 96) -> tuple:
+    """(images/s with lm.read_images' threads, images/s of one PIL read after another) on 500x375 JPEG photos'
+    stand-ins (smooth colour gradients with noise), each decoded, resized to S and centre-cropped."""
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i in range(n):
+            ramp = torch.linspace(0, 1, 500).view(1, 1, 500) * torch.rand(3, 1, 1, generator=g) * 200
+            noise = torch.randint(0, 56, (3, 375, 500), generator=g)
+            im = (ramp + noise).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            paths.append(f"{folder}/{i}.jpg")
+            Image.fromarray(im).save(paths[-1], quality=90)
+        speed = lambda read: n / min(seconds_per_call(read, torch.device("cpu"), 1.0) for _ in range(2))
+        return speed(lambda: lm.read_images(paths, S)), speed(lambda: [lm.read_image(p, S) for p in paths])
 
 
 def bench(cfg: lm.Config):
     device, threads = lm.pick_device(cfg.device, 0), torch.get_num_threads()
-    C, S = {"digits": (1, 8), "stl10": (3, 96)}.get(cfg.dataset, (3, 32))
+    C, S = SHAPES.get(cfg.dataset, (3, 32))
     B, uB = cfg.batch_size, cfg.uratio * cfg.batch_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (max(1024, B + uB), C, S, S), dtype=torch.uint8, generator=g)
     y = torch.arange(len(x)) % 10
     print(f"device {device}, torch {torch.__version__}, {threads} threads, dataset shape {C}x{S}x{S}, B={B}, muB={uB}")
-    print(memory_estimate(cfg, C, S))
+    print(*memory_estimate(cfg, C, S, B, uB), sep="\n", flush=True)
+    decode, serial = decode_speed(S)
+    print(f"decoding 500x375 JPEGs to {S} px: {threads} threads {decode:,.0f} images/s, serial PIL {serial:,.0f} "
+          f"images/s   {decode / serial:.2f}x")
 
     gen, x_l, x_u = torch.Generator(device).manual_seed(0), x[:B].to(device), x[:uB].to(device)
     weak = lambda v: lm.weak_augment(v, gen, cfg.hflip)
@@ -113,8 +135,9 @@ def bench(cfg: lm.Config):
     data = dict(train_x=x, train_y=y, test_x=x[:256], test_y=y[:256])
     k = 3 if device.type == "cpu" and S >= 32 else 50  # timed steps after one warm-up step (seconds each on a CPU)
     speed = {}
-    plain = dict(precision="fp32", channels_last=False, compile=False)
-    for name, overrides in (("ours", {}), ("plain NCHW fp32", plain)):
+    plain = dict(precision="fp32", channels_last=False, compile=False, data_on="device")
+    configs = dict(ours=dict(data_on="device"), **{"plain NCHW fp32": plain, "images in host memory": dict(data_on="host")})
+    for name, overrides in configs.items():
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()), \
                 contextlib.redirect_stdout(io.StringIO()):  # the runs' own progress bars
             run = dataclasses.replace(cfg, dataset="bench", labels=10, steps=k + 1, eval_every=k + 1, out=out,
@@ -123,6 +146,8 @@ def bench(cfg: lm.Config):
     for name, sps in speed.items():
         print(f"training step ({name}): {sps:.3f} steps/s, {sps * (B + 2 * uB):,.0f} images/s")
     print(f"training step, ours vs plain NCHW fp32: {speed['ours'] / speed['plain NCHW fp32']:.2f}x")
+    print(f"training step, images in host memory (--data-on host) vs on the device: "
+          f"{speed['images in host memory'] / speed['ours']:.2f}x")
 
 
 if __name__ == "__main__":

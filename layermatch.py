@@ -34,6 +34,8 @@ import copy
 import csv
 import dataclasses
 import datetime
+import glob
+import hashlib
 import io
 import json
 import math
@@ -46,6 +48,7 @@ import sys
 import threading
 import time
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +77,11 @@ class Config:
                                   "folder of your images", metavar="DIR")
     image_size: int | None = arg(None, "--dataset folder, imagenet100: the shorter side of every image is resized "
                                        "to SIZE, then the centre SIZE x SIZE is cropped (default 32; imagenet100 224)")
+    data_on: str = arg("auto", "where the images are kept: on the device, or in host memory with each step's batch "
+                               "copied over (data larger than the GPU); auto: device if they fit beside the training",
+                       choices=["auto", "device", "host"])
+    cache_dir: str = arg("", "--dataset folder, imagenet100: where decoded images are cached (default: "
+                             "$XDG_CACHE_HOME/layermatch or ~/.cache/layermatch)", metavar="DIR")
     out: str = arg("", "output folder (default: runs/<dataset>@<labels>-<algorithm>-s<seed>)", metavar="DIR")
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     overwrite: bool = arg(False, "delete an existing --out and start afresh")
@@ -235,9 +243,9 @@ def load_data(cfg: Config) -> dict:
     if cfg.dataset == "digits":
         return load_digits()
     if cfg.dataset == "folder":
-        return load_folder(cfg.data_dir, cfg.image_size)
+        return load_folder(cfg.data_dir, cfg.image_size, cfg.cache_dir)
     if cfg.dataset == "imagenet100":
-        return load_folder(cfg.data_dir, cfg.image_size, only=IMAGENET100)
+        return load_folder(cfg.data_dir, cfg.image_size, cfg.cache_dir, only=IMAGENET100)
     import torchvision.datasets as D
     nhwc = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # CIFAR stores [N, H, W, C]
     root = cfg.data_dir
@@ -596,24 +604,23 @@ def avg_clustering_step(f, y, weight, centres, seen, alpha):
         all_reduce(sums, counts)
         return avg_clustering_update(centres, seen, sums, counts, alpha)
 
-def layermatch_step(model, head, data, gen, centres, seen, cfg, B, uB, dtype=None):
-    """Sample, augment, one forward pass over [labeled weak, unlabeled weak, unlabeled strong], pseudo-label,
-    Avg-Clustering, Grad-ReLU, loss. Device work only: no logging, no host synchronisation.
+def layermatch_step(model, head, batch, normalize, gen, centres, seen, cfg, dtype=None):
+    """Augment, one forward pass over [labeled weak, unlabeled weak, unlabeled strong], pseudo-label, Avg-Clustering,
+    Grad-ReLU, loss. batch: this step's sampled uint8 images on the device (Batches): labeled x_l with labels y,
+    unlabeled u with their true labels y_u (-1: unknown) for diagnostics. Device work only: no host synchronisation.
     model(x) -> (logits, features); head is its linear layer. Returns (loss, terms, centres, seen).
-    Sampling and augmentation run in fp32 on every device (inside autocast, a GPU would rotate and sharpen in
-    bf16); the forward pass and the losses run under autocast in dtype (None: fp32).
+    Augmentation runs in fp32 on every device (inside autocast, a GPU would rotate and sharpen in bf16); the
+    forward pass and the losses run under autocast in dtype (None: fp32).
     The centres are kept for every algorithm (fixmatch, supervised: for the nearest-centre diagnostic only)."""
-    dev, normalize, alpha = centres.device, data["normalize"], cfg.ac_momentum
+    dev, alpha = centres.device, cfg.ac_momentum
     amp = torch.autocast(dev.type, dtype, enabled=dtype is not None)
-    i_l = data["labeled"][torch.randint(len(data["labeled"]), (B,), device=dev, generator=gen)]
-    x_l, y = weak_augment(data["x"][i_l], gen, cfg.hflip), data["y"][i_l]
+    x_l, y = weak_augment(batch["x_l"], gen, cfg.hflip), batch["y"]
     if cfg.algorithm == "supervised":
         with amp:
             z_l, f_l = model(normalize(x_l))
             loss, terms = layermatch_loss(z_l, y, None, None, None, None, centres, seen, 0, 0)
             return loss, terms, *avg_clustering_step(f_l, y, torch.ones_like(y), centres, seen, alpha)
-    i_u = torch.randint(len(data["x_u"]), (uB,), device=dev, generator=gen)
-    u = data["x_u"][i_u]
+    u, B, uB = batch["u"], len(y), len(batch["u"])
     x_w, x_s = weak_augment(u, gen, cfg.hflip), strong_augment(weak_augment(u, gen, cfg.hflip), gen)  # own crop
     with amp:
         z, f = model(normalize(torch.cat([x_l, x_w, x_s])))  # one pass: BatchNorm sees [labeled, weak, strong]
@@ -624,30 +631,80 @@ def layermatch_step(model, head, data, gen, centres, seen, cfg, B, uB, dtype=Non
         loss, terms = layermatch_loss(z_l, y, z_u, y_hat, mask, f_s, centres, seen, cfg.lambda_u, cfg.lambda_ac)
         weight = torch.cat([torch.ones_like(mask[:B]), consistent(mask, z_s, y_hat)])  # after L_ac: see README
         centres, seen = avg_clustering_step(torch.cat([f_l, f_w]), torch.cat([y, y_hat]), weight, centres, seen, alpha)
-    hidden = data["y_u"][i_u]  # true labels of the unlabeled batch (-1: unknown), for diagnostics only
+    hidden = batch["y_u"]
     terms |= dict(mask=mask.mean(), pl_correct=(mask * (y_hat == hidden)).sum(), pl_known=(mask * (hidden >= 0)).sum())
     return loss, terms, centres, seen
 
 # ---------------------------------------------------------------------------------------------
 # Your own images and pretrained weights: reading them in, every mistake one line
 
-def read_images(paths: list, size: int, desc: str = "images") -> torch.Tensor:
-    """Image files -> uint8 [N, 3, size, size] (RGB; grayscale images get three equal channels): the shorter side
-    resized to size (bilinear, PIL's antialiasing), then the centre size x size crop, so no image is squashed."""
+def read_image(path: str, size: int) -> torch.Tensor:
+    """An image file -> uint8 [3, size, size] (RGB; grayscale gets three equal channels): the shorter side resized
+    to size (bilinear, PIL's antialiasing), then the centre size x size crop, so no image is squashed."""
     from PIL import Image
-    images = []
-    for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < 1000, leave=False):
-        try:
-            with Image.open(path) as im:
-                images.append(TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), size), size)))
-        except (OSError, ValueError) as e:  # not an image, truncated, unsupported format
-            raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
-    return torch.stack(images)
+    try:
+        with Image.open(path) as im:
+            return TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), size), size))
+    except (OSError, ValueError) as e:  # not an image, truncated, unsupported format
+        raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
 
-def load_folder(root: str, size: int, only: list | None = None) -> dict:
+def read_images(paths: list, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Image files -> uint8 [N, 3, size, size] (into out if given), decoded by one thread per core: PIL releases
+    Python's lock while it decodes and resizes."""
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8) if out is None else out
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        done = pool.map(lambda i: out[i].copy_(read_image(paths[i], size)), range(len(paths)))
+        for _ in tqdm(done, total=len(paths), desc="decoding", unit="img", disable=len(paths) < 1000, leave=False):
+            pass
+    return out
+
+def cached_images(paths: list, size: int, cache_dir: str, name: str) -> tuple:
+    """(images [N, 3, size, size] memory-mapped from cache_dir, whether all are grayscale), decoded only once: the
+    cache is keyed by the file list, sizes, modification times and size. A cache file of the wrong size (cut off)
+    is rebuilt; an unfinished one is never read (write_cache)."""
+    listing = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
+    key = hashlib.sha256(json.dumps([size, listing]).encode()).hexdigest()[:16]
+    prefix = os.path.join(cache_dir, f"{name}-{size}px-")  # name: the folder's name and a hash of its path
+    images, shape = f"{prefix}{key}.u8", (len(paths), 3, size, size)
+    try:
+        with open(f"{prefix}{key}.json") as fh:
+            gray = json.load(fh)["gray"] if os.path.getsize(images) == math.prod(shape) else None
+    except (OSError, ValueError, KeyError):
+        gray = None  # no cache, or a broken one
+    if gray is None:
+        gray = write_cache(paths, size, prefix, key, shape)
+    return torch.from_file(images, size=math.prod(shape), dtype=torch.uint8).view(shape), gray  # a private mmap
+
+def write_cache(paths, size, prefix, key, shape) -> bool:
+    """Decode into prefix+key.u8.tmp<pid>, then rename it and write its .json, whose presence marks it complete;
+    the folder's other caches at this size and unfinished writes are deleted first. Returns: all grayscale?"""
+    tmp, start = f"{prefix}{key}.u8.tmp{os.getpid()}", time.time()
+    try:
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        for old in glob.glob(glob.escape(prefix) + "*"):
+            os.remove(old)
+        x = read_images(paths, size, torch.from_file(tmp, True, math.prod(shape), dtype=torch.uint8).view(shape))
+        gray = all(torch.equal(c[:, 0], c[:, 1]) and torch.equal(c[:, 0], c[:, 2]) for c in x.split(4096))
+        del x  # unmapped: every byte is in the file
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, f"{prefix}{key}.u8")
+        write_text(f"{prefix}{key}.json", json.dumps(dict(gray=gray, images=len(paths), size=size)))
+    except OSError as e:
+        raise UserError(f"cannot write the image cache in '{os.path.dirname(prefix)}' ({e.strerror or e}); "
+                        "pass --cache-dir DIR") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"note: decoded {len(paths)} images in {time.time() - start:.1f} s into '{prefix}{key}.u8' "
+          f"({math.prod(shape) / 1e9:.3g} GB); later runs map it", file=sys.stderr)
+    return gray
+
+def load_folder(root: str, size: int, cache_dir: str, only: list | None = None) -> dict:
     """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or root/val/, as
     ImageNet's) with the same class names, and optionally root/unlabeled/ with images in any sub-folders. 1 channel
-    if every image is grayscale (R = G = B), else RGB. With `only`, those classes of many (ImageNet-100's)."""
+    if every image is grayscale (R = G = B), else RGB. With `only`, those classes of many (ImageNet-100's).
+    The images come from a cache in cache_dir (cached_images), so that only the first run decodes them."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
     def labeled(split, class_to_idx=None):  # (class names, [(path, label)]); test takes train's labels
@@ -673,13 +730,16 @@ def load_folder(root: str, size: int, only: list | None = None) -> dict:
                    if has_file_allowed_extension(f, IMG_EXTENSIONS))
     if os.path.isdir(os.path.join(root, "unlabeled")) and not extra:
         raise UserError(f"--dataset folder: no images in '{os.path.join(root, 'unlabeled')}'")
-    splits = [read_images([p for p, _ in train], size, "train"), read_images([p for p, _ in test], size, "test")]
-    splits += [read_images(extra, size, "unlabeled")] if extra else []
-    gray = all((x == x[:, :1]).all() for x in splits)  # every image has R = G = B
-    x = [images[:, :1] if gray else images for images in splits]
-    label = lambda samples: torch.tensor([k for _, k in samples])
-    return dict(train_x=x[0], train_y=label(train), test_x=x[1], test_y=label(test),
-                unlabeled_x=x[2] if extra else None, classes=classes)
+    root = os.path.abspath(root)
+    name = f"{os.path.basename(root)}-{hashlib.sha256(root.encode()).hexdigest()[:8]}"
+    x, gray = cached_images([p for p, _ in train + test] + extra, size, cache_dir or default_cache_dir(), name)
+    x = x[:, :1] if gray else x  # every image has R = G = B
+    n, label = len(train), lambda samples: torch.tensor([k for _, k in samples])
+    return dict(train_x=x[:n], train_y=label(train), test_x=x[n:n + len(test)], test_y=label(test),
+                unlabeled_x=x[n + len(test):] if extra else None, classes=classes)
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "layermatch")
 
 IMAGENET_MEAN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's ImageNet weights expect
 
@@ -707,6 +767,109 @@ def load_pretrained(net: ResNet, arch: str, source: str):
         raise UserError(f"--pretrained: '{source}' does not fit this {arch} (its stem depends on the image size and "
                         f"channels) at '{bad}': {problem}")
     net.features.load_state_dict(state)
+
+# ---------------------------------------------------------------------------------------------
+# Where the images are kept (--data-on) and each step's batch
+
+def channel_mean_std(x: torch.Tensor, chunk: int = 4096):
+    """Per-channel mean and std of uint8 images [N, C, H, W], summed in chunks: a large dataset is not copied."""
+    sums = torch.zeros(2, x.shape[1], dtype=torch.float64)
+    for part in x.split(chunk):
+        v = part.transpose(0, 1).reshape(x.shape[1], -1).double()
+        sums += torch.stack([v.sum(1), v.square().sum(1)])
+    n = x.numel() // x.shape[1]
+    mean = sums[0] / n
+    return mean.float(), ((sums[1] - n * mean**2) / (n - 1)).sqrt().float()
+
+def training_memory(net: nn.Module, shape, images_per_step: int, dtype) -> int:
+    """Device bytes a training step needs besides the data: fp32 weights, gradients, momentum and EMA, and the
+    activations saved for backward, measured on 8 images on the CPU (saved-tensor hooks) and scaled to the step.
+    A GPU adds allocator slack, cuDNN workspaces and its context: data_placement keeps 10% free for them."""
+    net, saved = copy.deepcopy(net).cpu(), {}  # a copy: a forward pass changes the BatchNorm buffers
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # several ops save the same tensor
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
+        net(torch.randn(8, *shape))
+    return 16 * sum(p.numel() for p in net.parameters()) + sum(saved.values()) * images_per_step // 8
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device; None where the device works in the host's memory (CPU, MPS)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+def data_placement(choice: str, data_bytes: int, need_bytes: int, free_bytes: int) -> tuple:
+    """--data-on auto | device | host on a GPU: (keep the images in host memory?, why)."""
+    fits = data_bytes + need_bytes <= 0.9 * free_bytes
+    why = f"{data_bytes / 1e9:.3g} GB of images + ~{need_bytes / 1e9:.3g} GB for training " \
+          f"{'fit' if fits else 'do not fit'} in 90% of the {free_bytes / 1e9:.3g} GB free"
+    if choice == "device" and not fits:
+        raise UserError(f"--data-on device: {why}; pass --data-on host to keep the images in host memory")
+    return choice == "host" or not fits, why
+
+def to_device(data: dict, labeled: torch.Tensor, cfg: Config, device, fmt, on_host=False) -> dict:
+    """The images as uint8 on the training device (on_host: in host memory, maybe a memory-mapped cache), the
+    labels, the labeled subset, and the normalisation. Batches gathers each step's images from here."""
+    where = torch.device("cpu") if on_host else device
+    train_x, extra = data["train_x"], data.get("unlabeled_x")
+    x_u = train_x.to(where)  # no copy for images already there: a memory-mapped cache stays one shared copy
+    if extra is not None:  # filled in place: one copy of the images, wherever they go
+        x_u = torch.empty((len(train_x) + len(extra), *train_x.shape[1:]), dtype=torch.uint8, device=where)
+        x_u[:len(train_x)], x_u[len(train_x):] = train_x, extra
+    y = data["train_y"].to(where)
+    num_classes = int(data["train_y"].max()) + 1
+    mean, std = (255 * torch.tensor(v) for v in IMAGENET_MEAN_STD) if cfg.pretrained else channel_mean_std(train_x)
+    mean, std = (v.view(1, -1, 1, 1).to(device) for v in (mean, std))  # pretrained: as its weights were trained
+    names = list(data.get("classes") or map(str, range(num_classes)))
+    return dict(x=x_u[:len(y)], y=y, x_u=x_u, y_u=torch.cat([y, y.new_full((len(x_u) - len(y),), -1)]),
+                labeled=labeled, on_host=on_host, test_x=data["test_x"].to(where), test_y=data["test_y"].to(device),
+                num_classes=num_classes, normalize=lambda x: ((x.float() - mean) / std).contiguous(memory_format=fmt),
+                inputs=dict(mean=mean.cpu(), std=std.cpu(), shape=tuple(train_x.shape[1:]), classes=names))
+
+SAMPLER_SEED = 0x5A3D1E5F  # mixed into the sampler's seed: its stream must not repeat the augmentation's
+
+class Batches:
+    """Each step's sampled images on the device. The indices are i.i.d. draws from a CPU generator (one per process;
+    checkpointed), so they are known on the host before the device needs them: prefetch(), called once a step has
+    been queued, gathers the next step's images (--data-on host: from host memory into pinned buffers) and copies
+    them non_blocking while the GPU still works. Both placements give the same batches, bit for bit."""
+
+    def __init__(self, D: dict, B: int, uB: int, device, seed: int):
+        self.D, self.B, self.uB, self.device = D, B, uB, device
+        self.sampler = torch.Generator().manual_seed(seed ^ SAMPLER_SEED)
+        self.pin = device.type == "cuda"  # pinned host memory makes the copies asynchronous; CUDA-only
+        self.next, self.state = None, None
+
+    def to_device(self, t):
+        return (t.pin_memory() if self.pin else t).to(self.device, non_blocking=True)
+
+    def gather(self, x, i):  # rows i of x, on the device
+        if not self.D["on_host"]:
+            return x[i]
+        out = torch.empty((len(i), *x.shape[1:]), dtype=x.dtype, pin_memory=self.pin)
+        return torch.index_select(x, 0, i, out=out).to(self.device, non_blocking=True)
+
+    def draw(self) -> dict:
+        D, g = self.D, self.sampler
+        i_l = D["labeled"][torch.randint(len(D["labeled"]), (self.B,), generator=g)]
+        i_u = torch.randint(len(D["x_u"]), (self.uB,), generator=g)  # uB = 0: supervised
+        if not D["on_host"]:
+            i_l, i_u = self.to_device(i_l), self.to_device(i_u)
+        return dict(x_l=self.gather(D["x"], i_l), y=self.gather(D["y"], i_l), u=self.gather(D["x_u"], i_u),
+                    y_u=self.gather(D["y_u"], i_u))
+
+    def take(self) -> dict:
+        """This step's batch: the one prefetched during the previous step, or drawn now."""
+        batch, self.next = self.next if self.next is not None else self.draw(), None
+        return batch
+
+    def prefetch(self):
+        self.state = self.sampler.get_state()  # until this batch is taken, a checkpoint holds the sampler before it
+        self.next = self.draw()
+
+    def sampler_state(self) -> torch.Tensor:
+        return self.state if self.next is not None else self.sampler.get_state()
 
 # ---------------------------------------------------------------------------------------------
 # EMA, schedule, evaluation
@@ -754,7 +917,7 @@ def evaluate(model, live, x, y, normalize, centres, seen, batch=1024) -> tuple:
     live.eval()  # the live network goes back to train mode below
     hits = torch.zeros(2, device=x.device)
     for i in range(0, len(x), batch):
-        inputs = normalize(x[i:i + batch])
+        inputs = normalize(x[i:i + batch].to(y.device))  # --data-on host: the test images are there too
         z, f = model(inputs)[0], live(inputs)[1]
         cos = (F.normalize(f.float(), dim=1) @ centres.t()).masked_fill(~seen, -2)  # classes without a centre lose
         hits += torch.stack([(z.argmax(1) == y[i:i + batch]).sum(), (cos.argmax(1) == y[i:i + batch]).sum()])
@@ -889,7 +1052,8 @@ class State:
     ema: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    gen: torch.Generator  # sampling and augmentation of this process
+    gen: torch.Generator  # augmentation of this process
+    batches: "Batches"  # this process's sampling, whose generator is checkpointed
     centres: torch.Tensor  # Avg-Clustering c_k [K, d] and which classes have one
     seen: torch.Tensor
     stats: torch.Tensor  # running sums of STATS since the last evaluation, on the device
@@ -900,13 +1064,14 @@ class State:
     started: float = field(default_factory=time.time)
 
 def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
-    mine = (s.gen.get_state(), s.stats.cpu())
+    mine = (s.gen.get_state(), s.stats.cpu(), s.batches.sampler_state())
     ranks = [mine] * world
     if world > 1:
         dist.all_gather_object(ranks, mine)  # every process's stream and sums, for an exact resume
     if rank == 0:
         state = dict(model=s.model.state_dict(), ema=s.ema.state_dict(), optimizer=s.optimizer.state_dict(),
-                     scaler=s.scaler.state_dict(), generators=[g for g, _ in ranks], stats=[t for _, t in ranks],
+                     scaler=s.scaler.state_dict(), generators=[r[0] for r in ranks], stats=[r[1] for r in ranks],
+                     samplers=[r[2] for r in ranks],
                      centres=s.centres, seen=s.seen,
                      step=s.step, history=s.history, seconds=s.seconds + time.time() - s.started,
                      config=dataclasses.asdict(cfg), inputs=s.inputs)
@@ -940,12 +1105,14 @@ def restore_checkpoint(s: State, cfg: Config, world: int, rank: int):
     s.optimizer.load_state_dict(ck["optimizer"])
     if s.scaler.is_enabled() and ck["scaler"]:
         s.scaler.load_state_dict(ck["scaler"])
-    if ck["generators"][rank].shape == s.gen.get_state().shape:
+    if "samplers" in ck:  # since v3; the sampler is a CPU generator, the same on every device
+        s.batches.sampler.set_state(ck["samplers"][rank])
+    if ck["generators"][rank].shape == s.gen.get_state().shape and "samplers" in ck:
         s.gen.set_state(ck["generators"][rank])
     else:  # CUDA and CPU generators have different states: continue, but say that the stream changes
         s.gen.manual_seed(cfg.seed + 1_000_003 * rank + ck["step"])
-        print("note: the checkpoint was written on another device type; sampling continues from a new seed, "
-              "so this run will not match an uninterrupted one bit for bit", file=sys.stderr)
+        print("note: the checkpoint was written on another device type or by an older layermatch.py; augmentation "
+              "continues from a new seed, so this run will not match an uninterrupted one bit for bit", file=sys.stderr)
     s.centres.copy_(ck["centres"])
     s.seen.copy_(ck["seen"])
     s.stats.copy_(ck["stats"][rank] if isinstance(ck["stats"], list) else ck["stats"])  # a list since v3
@@ -983,24 +1150,6 @@ def stats_row(sums: list, cfg: Config, step: int) -> dict:
     n = max(s["steps"], 1)
     return dict(step=step, lr=learning_rate(cfg, step - 1), **{k: s[k] / n for k in STATS[:4]},
                 mask_rate=s["mask"] / n, pl_acc=s["pl_correct"] / max(s["pl_known"], 1))
-
-def to_device(data: dict, labeled: torch.Tensor, cfg: Config, device, fmt) -> dict:
-    """The dataset on the training device as uint8, the labeled subset, and the normalisation."""
-    extra = data.get("unlabeled_x")  # concatenated on the host: only one copy ever reaches the device
-    x_u = (data["train_x"] if extra is None else torch.cat([data["train_x"], extra])).to(device)
-    y = data["train_y"].to(device)
-    num_classes = int(data["train_y"].max()) + 1
-    channels = data["train_x"].transpose(0, 1).reshape(data["train_x"].shape[1], -1)
-    mean = torch.stack([c.float().mean() for c in channels]).view(1, -1, 1, 1).to(device)
-    std = torch.stack([c.float().std() for c in channels]).view(1, -1, 1, 1).to(device)
-    if cfg.pretrained:  # the normalisation the pretrained weights were trained with
-        mean, std = (255 * torch.tensor(v, device=device).view(1, -1, 1, 1) for v in IMAGENET_MEAN_STD)
-    names = list(data.get("classes") or map(str, range(num_classes)))
-    return dict(x=x_u[:len(y)], y=y, x_u=x_u, y_u=torch.cat([y, y.new_full((len(x_u) - len(y),), -1)]),
-                labeled=labeled.to(device),
-                test_x=data["test_x"].to(device), test_y=data["test_y"].to(device), num_classes=num_classes,
-                normalize=lambda x: ((x.float() - mean) / std).contiguous(memory_format=fmt),
-                inputs=dict(mean=mean.cpu(), std=std.cpu(), shape=tuple(data["train_x"].shape[1:]), classes=names))
 
 LONG_RUN = 86400  # seconds: a run projected to take longer gets a note on how to shorten it
 PROJECT_AFTER = 3  # timed steps before that projection
@@ -1128,19 +1277,29 @@ def train(cfg: Config, data: dict | None = None) -> dict:
         net = make_network(dataclasses.asdict(cfg), num_classes, d["train_x"].shape[1:])
         if cfg.pretrained and not cfg.resume:
             load_pretrained(net, cfg.arch, cfg.pretrained)
+        on_host, free = cfg.data_on == "host", free_memory(device)
+        if free is not None and cfg.data_on != "host":  # a GPU: do the images fit beside the training?
+            images = sum(t.numel() for k, t in d.items() if k.endswith("_x") and t is not None)
+            need = training_memory(net, d["train_x"].shape[1:], images_per_step, dtype)
+            on_host, why = data_placement(cfg.data_on, images, need, free)
+            if first:
+                print(f"note: the images are kept in {'host' if on_host else 'device'} memory: {why}", file=sys.stderr)
         if first:
             prepare_out(cfg)
-        return d, labeled, net
-    d, labeled, net = rank_zero_first(world, rank, load_and_check)
-    D = to_device(d, labeled, cfg, device, fmt)
+        return d, labeled, net, on_host
+    B, uB = cfg.batch_size // world, cfg.uratio * cfg.batch_size // world * (cfg.algorithm != "supervised")
+    images_per_step = B + 2 * uB  # this process's share
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(cfg.precision)  # None: fp32
+    d, labeled, net, on_host = rank_zero_first(world, rank, load_and_check)
+    D = to_device(d, labeled, cfg, device, fmt, on_host)
     if world > 1 and device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # BatchNorm statistics over the global batch
     net = net.to(device, memory_format=fmt)
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(cfg.precision)  # None: fp32
     centres = torch.zeros(D["num_classes"], net.fc.in_features, device=device)
     s = State(net, copy.deepcopy(net).requires_grad_(False), make_optimizer(net, cfg, device),
               torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),  # fp16 gradients underflow unscaled
-              torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank), centres,
+              torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank),
+              Batches(D, B, uB, device, cfg.seed + 1_000_003 * rank), centres,
               torch.zeros(D["num_classes"], dtype=torch.bool, device=device), torch.zeros(len(STATS), device=device),
               D["inputs"])
     if cfg.resume:
@@ -1148,16 +1307,16 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = torch.compile(model) if cfg.compile else model
 
-    B, uB = cfg.batch_size // world, cfg.uratio * cfg.batch_size // world  # this process's share
     bn_stats = running_stats(net)
     bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite
-    progress = Progress(cfg, s, rank, device, (B + 2 * uB * (cfg.algorithm != "supervised")) * world, SummaryWriter)
+    progress = Progress(cfg, s, rank, device, images_per_step * world, SummaryWriter)
     with signals_to_flag() as stop, progress:
         while s.step < cfg.steps:
             for group in s.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, s.step)
             before = [b.clone() for b in bn_stats]
-            step = layermatch_step(model, net.fc, D, s.gen, s.centres, s.seen, cfg, B, uB, dtype)
+            step = layermatch_step(model, net.fc, s.batches.take(), D["normalize"], s.gen, s.centres, s.seen, cfg,
+                                   dtype)
             loss, terms, s.centres, s.seen = step
             s.optimizer.zero_grad(set_to_none=True)
             s.scaler.scale(loss).backward()
@@ -1166,6 +1325,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             average_running_stats(bn_stats, before, s.step)
             ema_update(s.ema, net, ema_decay(cfg.ema, s.step))
             s.step += 1
+            if s.step < cfg.steps:
+                s.batches.prefetch()  # the next batch's gather and copy overlap this step on a GPU
             bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), s.step, bad_step)
             accumulate(s.stats, loss, terms)
             progress.tick(loss, s.step)
@@ -1196,8 +1357,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                 if not evaluating:
                     save_checkpoint(s, cfg, world, rank)
                 break
-    return summarise(s, cfg, world, rank, device, progress.steps_per_second(s.step),
-                     (B, uB * (cfg.algorithm != "supervised")))
+    return summarise(s, cfg, world, rank, device, progress.steps_per_second(s.step), (B, uB))
 
 def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batch) -> dict:
     """summary.json: the FixMatch paper's median of the last 20 evaluations, the best and the final one."""

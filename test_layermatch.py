@@ -4,6 +4,7 @@ import copy
 import csv
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
@@ -26,6 +27,12 @@ from PIL import Image, ImageEnhance, ImageOps
 import layermatch as lm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def own_cache_folder(tmp_path, monkeypatch):
+    """Decoded-image caches go below the test's folder (and its subprocesses'), never into ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
 def run_cli(*args, timeout=300, env=None, cwd=None):
@@ -556,6 +563,7 @@ def states_equal(a, b):
     """Step, history and every tensor (model, EMA, optimizer, centres, generators) bit-identical."""
     ca, cb = (torch.load(p, weights_only=True) for p in (a, b))
     tensors = lambda c: [*c["model"].values(), *c["ema"].values(), c["centres"], c["seen"], *c["generators"],
+                         *c["samplers"],
                          *(v for s in c["optimizer"]["state"].values() for v in s.values())]
     ta, tb = tensors(ca), tensors(cb)
     return (ca["step"], ca["history"]) == (cb["step"], cb["history"]) and len(ta) == len(tb) and \
@@ -725,9 +733,9 @@ def test_bad_user_data_is_a_clear_error(tmp_path):
 SHORT = dict(dataset="digits", labels=20, batch_size=8, uratio=2, threshold=0.3)  # low tau: pseudo-labels from step 1
 
 
-def digits_on_device(cfg, device, fmt):
+def digits_on_device(cfg, device, fmt, on_host=False):
     d = lm.load_digits()
-    return lm.to_device(d, lm.labeled_subset(d["train_y"], cfg.labels, 10, cfg.seed), cfg, device, fmt)
+    return lm.to_device(d, lm.labeled_subset(d["train_y"], cfg.labels, 10, cfg.seed), cfg, device, fmt, on_host)
 
 
 def weights(out):
@@ -750,12 +758,12 @@ def real_step(grad_relu, tmp_path, monkeypatch):
         monkeypatch.setattr(lm, name, spy)
     model = lambda x: outputs.append(net(x)) or outputs[-1]
     seen = torch.ones(10, dtype=torch.bool)
-    loss, terms, new_centres, _ = lm.layermatch_step(model, net.fc, D, torch.Generator().manual_seed(0), centres,
-                                                     seen, cfg, 8, 16)
+    batch = lm.Batches(D, 8, 16, torch.device("cpu"), 0).take()
+    loss, terms, new_centres, _ = lm.layermatch_step(model, net.fc, batch, D["normalize"],
+                                                     torch.Generator().manual_seed(0), centres, seen, cfg)
     assert terms["mask"] > 0 and terms["L_u"] > 0 and terms["L_ac"] > 0 and not torch.equal(new_centres, centres)
     (z, f), = outputs  # one forward pass over [8 labeled, 16 weak, 16 strong]
-    i_l = D["labeled"][torch.randint(len(D["labeled"]), (8,), generator=torch.Generator().manual_seed(0))]
-    y = D["y"][i_l]  # the step's first draw: the labeled batch
+    y = batch["y"]
     (z_weak, _, (y_hat, mask)), = calls["pseudo_label"]
     assert torch.equal(z_weak, z[8:24])  # pseudo-labels and mask from the weak view
     assert torch.equal(calls["grad_relu_logits"][0][0], f[24:])  # the pseudo-label loss on the strong view
@@ -773,7 +781,7 @@ def real_step(grad_relu, tmp_path, monkeypatch):
     assert torch.equal(weight, torch.cat([torch.ones(8), agree])) and 0 < agree.sum() < 16
     assert torch.equal(centres_c, centres) and alpha == cfg.ac_momentum
     (x_l, _, _, _), (u, _, _, weak), (u_again, _, _, own_weak) = calls["weak_augment"]  # labeled, weak, strong's own
-    assert torch.equal(x_l, D["x"][i_l]) and torch.equal(u, u_again)
+    assert torch.equal(x_l, batch["x_l"]) and torch.equal(u, batch["u"]) and torch.equal(u_again, batch["u"])
     assert torch.equal(calls["strong_augment"][0][0], own_weak)
     assert not torch.equal(own_weak, weak)  # the strong view draws its own flip and crop
     grad = lambda term, p: torch.autograd.grad(term, p, retain_graph=True)[0]
@@ -803,8 +811,9 @@ def test_a_resnet_at_32_and_96_px_is_split_like_the_wrn(size):
     cfg = lm.resolve(lm.Config(dataset="x", labels=8, arch="resnet18", threshold=0.3, out="unused"), True)
     D = lm.to_device(d, lm.labeled_subset(d["train_y"], 8, 4, 0), cfg, torch.device("cpu"), torch.contiguous_format)
     centres = F.normalize(torch.randn(4, 512, generator=torch.Generator().manual_seed(0)), dim=1)
-    loss, terms, _, _ = lm.layermatch_step(net, net.fc, D, torch.Generator().manual_seed(0), centres,
-                                           torch.ones(4, dtype=torch.bool), cfg, 4, 8)
+    loss, terms, _, _ = lm.layermatch_step(net, net.fc, lm.Batches(D, 4, 8, torch.device("cpu"), 0).take(),
+                                           D["normalize"], torch.Generator().manual_seed(0), centres,
+                                           torch.ones(4, dtype=torch.bool), cfg)
     assert terms["mask"] > 0 and terms["L_u"] > 0 and terms["L_ac"] > 0
     grad = lambda term, p: torch.autograd.grad(term, p, retain_graph=True)[0]
     torch.testing.assert_close(grad(loss, net.fc.weight), grad(terms["L_s"], net.fc.weight), rtol=0, atol=0)
@@ -998,12 +1007,14 @@ def test_compile_runs_on_the_cpu(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this project's CI has none)")
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_cuda_training_step_has_no_host_synchronisation(tmp_path, precision):
-    """Everything the loop does between two log reads, under torch.cuda.set_sync_debug_mode("error")."""
+@pytest.mark.parametrize("precision,on_host", [("bf16", False), ("fp16", False), ("bf16", True)])
+def test_cuda_training_step_has_no_host_synchronisation(tmp_path, precision, on_host):
+    """Everything the loop does between two log reads, under torch.cuda.set_sync_debug_mode("error"): with the
+    images on the device, and in host memory (pinned gathers, non_blocking copies)."""
     device, fmt = torch.device("cuda"), torch.channels_last
     cfg = lm.resolve(lm.Config(**SHORT, out=str(tmp_path / "unused")), False)
-    D = digits_on_device(cfg, device, fmt)
+    D = digits_on_device(cfg, device, fmt, on_host)
+    batches = lm.Batches(D, 8, 16, device, 0)
     net = lm.WideResNet(10, 28, 2, in_channels=1).to(device, memory_format=fmt)
     ema, opt, bn_stats = copy.deepcopy(net), lm.make_optimizer(net, cfg, device), lm.running_stats(net)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -1015,7 +1026,8 @@ def test_cuda_training_step_has_no_host_synchronisation(tmp_path, precision):
             torch.cuda.set_sync_debug_mode("error")
         try:
             before = [b.clone() for b in bn_stats]
-            loss, terms, centres, seen = lm.layermatch_step(net, net.fc, D, gen, centres, seen, cfg, 8, 16, dtype)
+            step = lm.layermatch_step(net, net.fc, batches.take(), D["normalize"], gen, centres, seen, cfg, dtype)
+            loss, terms, centres, seen = step
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -1023,6 +1035,7 @@ def test_cuda_training_step_has_no_host_synchronisation(tmp_path, precision):
             lm.average_running_stats(bn_stats, before, k)
             lm.ema_update(ema, net, lm.ema_decay(0.999, k))
             lm.accumulate(stats, loss, terms)
+            batches.prefetch()
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(stats).all()
@@ -1048,6 +1061,93 @@ def test_resume_a_checkpoint_from_another_device_type(tmp_path):
                 "--out", out, "--resume")
     assert r.returncode == 0 and "Traceback" not in r.stderr and "another device type" in r.stderr, r.stderr
     assert weights(out)["step"] == 8 and [h["step"] for h in weights(out)["history"]] == [4, 8]
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the images are kept: --data-on device | host | auto
+
+
+def numbered(n_train=300, n_extra=40, classes=3):
+    """Images that carry their own index (pixels 0 and 1: i % 256, i // 256), labels i % classes."""
+    i = torch.arange(n_train + n_extra)
+    x = torch.zeros(len(i), 1, 4, 4, dtype=torch.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = (i % 256).to(torch.uint8), (i // 256).to(torch.uint8)
+    x[:, 0, 3, 3] = 255  # not constant: the per-channel std is positive
+    y = i[:n_train] % classes
+    return dict(train_x=x[:n_train], train_y=y, test_x=x[:30], test_y=y[:30], unlabeled_x=x[n_train:])
+
+
+def test_batches_hold_the_sampled_images_with_their_labels_wherever_they_are_kept():
+    d = numbered()
+    cfg = lm.resolve(lm.Config(dataset="x", labels=12, out="unused"), True)
+    labeled = lm.labeled_subset(d["train_y"], 12, 3, 0)
+    index = lambda x: x[:, 0, 0, 0].long() + 256 * x[:, 0, 0, 1].long()
+    batches = {}
+    for on_host in (False, True):
+        D = lm.to_device(d, labeled, cfg, torch.device("cpu"), torch.contiguous_format, on_host)
+        feed = lm.Batches(D, 8, 32, torch.device("cpu"), 5)
+        batches[on_host] = b = feed.take()
+        assert (b["x_l"].shape, b["u"].shape) == ((8, 1, 4, 4), (32, 1, 4, 4))
+        i_l, i_u = index(b["x_l"]), index(b["u"])
+        assert set(i_l.tolist()) <= set(labeled.tolist()) and torch.equal(b["y"], i_l % 3)  # labeled: their labels
+        assert (i_u < 340).all() and (i_u >= 300).any()  # unlabeled: train and unlabeled_x images ...
+        assert torch.equal(b["y_u"], torch.where(i_u < 300, i_u % 3, -1))  # ... with the hidden labels, -1 unknown
+        before = feed.sampler.get_state()
+        feed.prefetch()  # the next batch is drawn; until it is taken, a checkpoint holds the sampler before it
+        assert torch.equal(feed.sampler_state(), before) and not torch.equal(feed.sampler.get_state(), before)
+        again = lm.Batches(D, 8, 32, torch.device("cpu"), 5)
+        again.sampler.set_state(feed.sampler_state())  # as a resumed run
+        nxt = feed.take()
+        assert all(torch.equal(nxt[k], v) for k, v in again.take().items())
+        assert torch.equal(feed.sampler_state(), feed.sampler.get_state())  # taken: the sampler itself
+    assert all(torch.equal(batches[False][k], batches[True][k]) for k in batches[False])
+
+
+def test_training_with_the_images_in_host_memory_is_the_same_run(tmp_path):
+    """--data-on host: metrics.csv and the checkpoint bit-identical to --data-on device, with unlabeled images
+    beside the training set, and a split run resumed on the host path is exact too."""
+    d = synthetic(n_train=60, size=8) | dict(unlabeled_x=synthetic(n_train=30, size=8, seed=1)["train_x"])
+    common = dict(dataset="x", labels=8, batch_size=4, uratio=2, steps=12, eval_every=4, depth=10, widen=1)
+    for name, kw in (("device", {}), ("host", dict(data_on="host")), ("split", dict(data_on="host", stop_at=6))):
+        lm.train(lm.Config(**common, **kw, out=str(tmp_path / name)), data=d)
+    lm.train(lm.Config(**common, data_on="host", out=str(tmp_path / "split"), resume=True), data=d)
+    csvs = [(tmp_path / name / "metrics.csv").read_text() for name in ("device", "host", "split")]
+    assert csvs[0] == csvs[1] == csvs[2] and len(csvs[0].splitlines()) == 4
+    ck = [str(tmp_path / name / "checkpoint.pt") for name in ("device", "host", "split")]
+    assert states_equal(ck[0], ck[1]) and states_equal(ck[1], ck[2])
+
+
+def test_data_placement_from_free_memory_figures():
+    GB = 10**9
+    assert lm.data_placement("auto", 2 * GB, 3 * GB, 80 * GB)[0] is False  # fits: on the device
+    on_host, why = lm.data_placement("auto", 20 * GB, 30 * GB, 40 * GB)
+    assert on_host and why == "20 GB of images + ~30 GB for training do not fit in 90% of the 40 GB free"
+    assert lm.data_placement("host", 1, 1, 80 * GB)[0] is True
+    assert lm.data_placement("auto", 9 * GB, 0, 10 * GB)[0] is False  # the 10% margin: 9 of 10 GB still fit
+    assert lm.data_placement("auto", 9 * GB + 1, 0, 10 * GB)[0] is True
+    with pytest.raises(lm.UserError, match=r"--data-on device: 20 GB of images .* pass --data-on host"):
+        lm.data_placement("device", 20 * GB, 30 * GB, 40 * GB)
+
+
+def test_on_a_gpu_auto_places_the_images_by_the_free_memory(tmp_path, monkeypatch, capsys):
+    """The GPU branch of train() on the CPU, with mocked free-memory figures: the estimate is measured (and leaves
+    the network untouched), auto chooses and says why, --data-on device that cannot fit is one line, nothing
+    written."""
+    net = lm.WideResNet(10, 10, 1, in_channels=1)
+    buffers = [b.clone() for b in net.buffers()]
+    small, large = (lm.training_memory(net, (1, 8, 8), n, torch.bfloat16) for n in (8, 16))
+    state = 16 * sum(p.numel() for p in net.parameters())
+    assert small > state and large - state == 2 * (small - state)  # activations scale with the images per step
+    assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
+    args = [*TINY, "--steps", 2, "--eval-every", 2, "--depth", 10, "--widen", 1]
+    for free, where in ((10**12, "device"), (10**6, "host")):
+        monkeypatch.setattr(lm, "free_memory", lambda device, free=free: free)
+        lm.main(list(map(str, args + ["--out", tmp_path / where])))
+        assert f"note: the images are kept in {where} memory: 0.000115 GB of images" in capsys.readouterr().err
+        assert (tmp_path / where / "summary.json").exists()
+    with pytest.raises(SystemExit, match=r"error: --data-on device: 0.000115 GB of images .* do not fit .* 0.001 GB free"):
+        lm.main(list(map(str, args + ["--data-on", "device", "--out", tmp_path / "no"])))
+    assert not (tmp_path / "no").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1148,12 +1248,17 @@ def test_bench_prints_consistent_ratios():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     ratios = [line for line in r.stdout.splitlines() if re.search(r" [0-9.]+x$", line)]
-    assert len(ratios) == 3 and "device memory estimate" in r.stdout, r.stdout
+    assert len(ratios) == 5 and r.stdout.count("device memory estimate, data on the") == 2, r.stdout
     number = lambda pattern: float(re.search(pattern, r.stdout).group(1).replace(",", ""))
+    ratio = lambda k: float(ratios[k].split()[-1][:-1])
+    decode, serial = number(r"threads ([0-9,]+) images/s"), number(r"serial PIL ([0-9,]+) images/s")
+    assert abs(decode / serial - ratio(0)) <= 0.01 + 0.01 * decode / serial, ratios[0]
     ours, ref = number(r"1 thread each: ours ([0-9,]+)"), number(r"PIL reference ([0-9,]+)")
-    assert abs(ours / ref - float(ratios[0].split()[-1][:-1])) <= 0.05 + 0.01 * ours / ref, ratios[0]
+    assert abs(ours / ref - ratio(1)) <= 0.05 + 0.01 * ours / ref, ratios[1]
     step, plain = number(r"step \(ours\): ([0-9.]+)"), number(r"step \(plain NCHW fp32\): ([0-9.]+)")
-    assert abs(step / plain - float(ratios[2].split()[-1][:-1])) <= 0.01 + 0.02 * step / plain, ratios[2]
+    assert abs(step / plain - ratio(3)) <= 0.01 + 0.02 * step / plain, ratios[3]
+    host = number(r"step \(images in host memory\): ([0-9.]+)")
+    assert abs(host / step - ratio(4)) <= 0.01 + 0.02 * host / step, ratios[4]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1180,7 +1285,7 @@ def image_folder(root, classes=("cat", "dog", "eel"), per_class=6, unlabeled=5):
 
 def test_folder_of_pngs_loads_as_uint8_tensors(tmp_path):
     root = image_folder(tmp_path / "pets")
-    d = lm.load_folder(str(root), 8)
+    d = lm.load_folder(str(root), 8, "")
     assert d["classes"] == ["cat", "dog", "eel"] and d["train_x"].dtype == torch.uint8
     assert d["train_x"].shape == (18, 1, 8, 8) and d["test_x"].shape == (6, 1, 8, 8)  # grayscale: one channel
     assert d["unlabeled_x"].shape == (5, 1, 8, 8)  # found in sub-folders, no labels
@@ -1188,7 +1293,7 @@ def test_folder_of_pngs_loads_as_uint8_tensors(tmp_path):
     assert sorted(d["train_x"][:, 0, 0, 0].tolist()) == sorted(40 + 80 * k + i for k in range(3) for i in range(6))
     assert (d["train_x"] == d["train_x"][:, :, :1, :1]).all()  # resized, a uniform image stays uniform
     write_png(root / "unlabeled" / "colour.png", (200, 10, 10), mode="RGB")  # one colour image: all become RGB
-    d = lm.load_folder(str(root), 8)
+    d = lm.load_folder(str(root), 8, "")
     assert d["train_x"].shape == (18, 3, 8, 8) and d["unlabeled_x"].shape == (6, 3, 8, 8)
     assert (d["train_x"] == d["train_x"][:, :1]).all()  # gray images: three equal channels
     assert d["unlabeled_x"][-1, :, 0, 0].tolist() == [200, 10, 10]  # sorted paths: colour.png last
@@ -1201,11 +1306,11 @@ def test_folder_images_keep_their_aspect_ratio_and_val_stands_for_test(tmp_path)
     wide = Image.new("RGB", (40, 20), (0, 0, 255))
     wide.paste((255, 0, 0), (0, 0, 10, 20))  # the left quarter is red
     wide.save(root / "train" / "cat" / "wide.png")
-    d = lm.load_folder(str(root), 8)
+    d = lm.load_folder(str(root), 8, "")
     i = d["train_y"].tolist().index(0) + 6  # sorted paths: 0..5.png, then wide.png
     assert d["train_x"].shape[1:] == (3, 8, 8) and d["train_x"][i, 0].max() < 64  # squashed, column 0 was red
     os.rename(root / "test", root / "val")
-    assert torch.equal(lm.load_folder(str(root), 8)["test_x"], d["test_x"])
+    assert torch.equal(lm.load_folder(str(root), 8, "")["test_x"], d["test_x"])
 
 
 def test_imagenet100_is_the_100_listed_classes_of_an_imagenet_folder(tmp_path):
@@ -1239,9 +1344,101 @@ def test_folder_dataset_from_the_shell_then_evaluate_and_predict(tmp_path):
     assert f"test accuracy {accs[-1]:.2%} (EMA model" in r.stdout, r.stdout
     model = lm.load(str(out))
     assert model.classes == ["cat", "dog", "eel"] and model.shape == (1, 8, 8) and model.step == 6
-    test = lm.load_folder(str(root), 8)
+    test = lm.load_folder(str(root), 8, "")
     classes, probs = lm.predict(model, test["test_x"])
     assert (classes == test["test_y"]).sum().item() / 6 == accs[-1]
+
+
+def photo_folder(root):
+    """Images as users have them: JPEG and PNG; grayscale, palette, RGB and RGBA; landscape, portrait, square,
+    and smaller than the training size (upscaled); noise, so that every resize and crop shows."""
+    rng = np.random.default_rng(0)
+    specs = [("L", (37, 23), "png"), ("RGB", (50, 31), "jpg"), ("RGBA", (20, 44), "png"), ("P", (16, 16), "png"),
+             ("RGB", (9, 13), "jpg"), ("L", (64, 40), "jpg")]
+    paths = []
+    for k, (mode, size, ext) in enumerate(specs * 2):
+        split = "train" if k < 8 else "test"
+        rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        im = rgb.convert("RGBA") if mode == "RGBA" else rgb.convert(mode)
+        path = root / split / f"c{k % 2}" / f"{k:02d}.{ext}"
+        os.makedirs(path.parent, exist_ok=True)
+        im.save(path, quality=90) if ext == "jpg" else im.save(path)
+        paths.append(path)
+    return paths
+
+
+def pil_read(path, S):
+    """The reference: PIL alone, shorter side to S (bilinear, antialiased), the centre S x S."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        size = (S, int(S * h / w)) if w <= h else (int(S * w / h), S)
+        im = im.resize(size, Image.BILINEAR)
+        left, top = int(round((size[0] - S) / 2)), int(round((size[1] - S) / 2))
+        return torch.from_numpy(np.array(im.crop((left, top, left + S, top + S)))).permute(2, 0, 1)
+
+
+def count_decodes(monkeypatch):
+    calls, real = [], lm.read_image
+    monkeypatch.setattr(lm, "read_image", lambda *a: calls.append(a[0]) or real(*a))
+    return calls
+
+
+def test_the_cache_holds_what_pil_reads_and_only_the_first_run_decodes(tmp_path, monkeypatch):
+    paths = photo_folder(tmp_path / "photos")
+    before = sorted(os.listdir(tmp_path / "photos"))
+    decodes, cache = count_decodes(monkeypatch), tmp_path / "cache" / "layermatch"
+    d = lm.load_folder(str(tmp_path / "photos"), 12, "")
+    assert len(decodes) == 12 and d["train_x"].shape == (8, 3, 12, 12) and d["test_x"].shape == (4, 3, 12, 12)
+    assert d["train_x"].dtype == torch.uint8 and d["classes"] == ["c0", "c1"]
+    order = sorted(paths[:8]) + sorted(paths[8:])  # train, then test; by class folder and name
+    assert torch.equal(torch.cat([d["train_x"], d["test_x"]]), torch.stack([pil_read(p, 12) for p in order]))
+    assert d["train_y"].tolist() == [0] * 4 + [1] * 4
+    (u8,) = glob.glob(str(cache / "*.u8"))
+    again = lm.load_folder(str(tmp_path / "photos"), 12, "")
+    assert len(decodes) == 12  # the second run decodes nothing: it maps the cache
+    assert all(torch.equal(again[k], d[k]) for k in ("train_x", "train_y", "test_x", "test_y"))
+    assert sorted(os.listdir(tmp_path / "photos")) == before  # nothing is written into the data folder
+    os.utime(paths[3], ns=(0, os.stat(paths[3]).st_mtime_ns + 10**9))  # a touched file
+    lm.load_folder(str(tmp_path / "photos"), 12, "")
+    assert len(decodes) == 24 and not os.path.exists(u8) and len(glob.glob(str(cache / "*.u8"))) == 1  # replaced
+    lm.load_folder(str(tmp_path / "photos"), 16, "")  # another size: its own cache beside the first
+    assert len(decodes) == 36 and len(glob.glob(str(cache / "*.u8"))) == 2
+    (u8,) = glob.glob(str(cache / "*-16px-*.u8"))
+    os.truncate(u8, os.path.getsize(u8) - 1)  # cut off
+    assert torch.equal(lm.load_folder(str(tmp_path / "photos"), 16, "")["train_x"][:1], pil_read(order[0], 16)[None])
+    assert len(decodes) == 48
+    other = tmp_path / "elsewhere"
+    custom = lm.load_folder(str(tmp_path / "photos"), 16, str(other))  # --cache-dir
+    assert len(decodes) == 60 and len(glob.glob(str(other / "*.u8"))) == 1
+    assert torch.equal(custom["test_x"], torch.stack([pil_read(p, 16) for p in order[8:]]))
+
+
+KILLED_WHILE_CACHING = """
+import os, signal, sys
+import layermatch as lm
+done, real = [], lm.read_image
+def read_then_die(*a):
+    done.append(1)
+    if len(done) == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a)
+lm.read_image = read_then_die
+lm.load_folder(sys.argv[1], 12, "")
+"""
+
+
+def test_a_cache_killed_while_being_written_is_never_read(tmp_path, monkeypatch):
+    paths = photo_folder(tmp_path / "photos")
+    r = subprocess.run([sys.executable, "-c", KILLED_WHILE_CACHING, str(tmp_path / "photos")], cwd=HERE,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    cache = tmp_path / "cache" / "layermatch"
+    assert not glob.glob(str(cache / "*.u8")) and glob.glob(str(cache / "*.u8.tmp*"))  # only the unfinished file
+    decodes = count_decodes(monkeypatch)
+    d = lm.load_folder(str(tmp_path / "photos"), 12, "")
+    assert len(decodes) == 12 and torch.equal(d["test_x"][-1], pil_read(sorted(paths[8:])[-1], 12))
+    assert sorted(os.path.splitext(f)[1] for f in os.listdir(cache)) == [".json", ".u8"]  # the stale write is gone
 
 
 BAD_FOLDERS = [  # (what to break, words of the message)
@@ -1263,7 +1460,9 @@ def test_bad_folders_are_one_line_naming_the_path(tmp_path, breaks, message):
     text = str(e.value.code)
     assert message in text and "\n" not in text, text
     assert "class 'eel'" in message or str(root) in text, text
-    assert not os.path.exists(tmp_path / "run")
+    assert not os.path.exists(tmp_path / "run") and not glob.glob(str(tmp_path / "cache" / "*" / "*.tmp*"))
+    if "cannot read" in message:  # a folder that cannot be decoded leaves no cache
+        assert not glob.glob(str(tmp_path / "cache" / "*" / "*.u8"))
 
 
 def without(d, key):
