@@ -1145,7 +1145,7 @@ def test_on_a_gpu_auto_places_the_images_by_the_free_memory(tmp_path, monkeypatc
         lm.main(list(map(str, args + ["--out", tmp_path / where])))
         assert f"note: the images are kept in {where} memory: 0.000115 GB of images" in capsys.readouterr().err
         assert (tmp_path / where / "summary.json").exists()
-    with pytest.raises(SystemExit, match=r"error: --data-on device: 0.000115 GB of images .* do not fit .* 0.001 GB free"):
+    with pytest.raises(SystemExit, match=r"error: --data-on device: 0.000115 GB of images .* not fit .* 0.001 GB free"):
         lm.main(list(map(str, args + ["--data-on", "device", "--out", tmp_path / "no"])))
     assert not (tmp_path / "no").exists()
 
