@@ -653,7 +653,7 @@ def read_images(paths: list, size: int, out: torch.Tensor | None = None) -> torc
     """Image files -> uint8 [N, 3, size, size] (into out if given), decoded by one thread per core: PIL releases
     Python's lock while it decodes and resizes."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8) if out is None else out
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # after a bad image, map cancels the images not yet decoded
         done = pool.map(lambda i: out[i].copy_(read_image(paths[i], size)), range(len(paths)))
         for _ in tqdm(done, total=len(paths), desc="decoding", unit="img", disable=len(paths) < 1000, leave=False):
             pass

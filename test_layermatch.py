@@ -1414,6 +1414,16 @@ def test_the_cache_holds_what_pil_reads_and_only_the_first_run_decodes(tmp_path,
     assert torch.equal(custom["test_x"], torch.stack([pil_read(p, 16) for p in order[8:]]))
 
 
+def test_a_bad_image_stops_the_decoding_at_once(tmp_path, monkeypatch):
+    root = image_folder(tmp_path / "pets", per_class=15)
+    (root / "train" / "cat" / "0.png").write_bytes(b"not a png")  # the first file of 56
+    decodes, real = [], lm.read_image
+    monkeypatch.setattr(lm, "read_image", lambda *a: decodes.append(1) or time.sleep(0.02) or real(*a))  # a photo's time
+    with pytest.raises(lm.UserError, match="cannot read image .*0.png"):
+        lm.load_folder(str(root), 8, "")
+    assert len(decodes) < 10  # the images after it were dropped, not decoded first (which took all 56)
+
+
 KILLED_WHILE_CACHING = """
 import os, signal, sys
 import layermatch as lm
