@@ -846,7 +846,7 @@ class Batches:
     def to_device(self, t):
         return (t.pin_memory() if self.pin else t).to(self.device, non_blocking=True)
 
-    def gather(self, x, i):  # rows i of x, on the device; index_select copies rows (on a CPU 5-10x faster than x[i])
+    def gather(self, x, i):  # rows i of x, on the device; index_select copies rows (on a CPU 5-40x faster than x[i])
         on_host = self.D["on_host"]
         out = torch.empty((len(i), *x.shape[1:]), dtype=x.dtype, pin_memory=self.pin) if on_host else None
         return torch.index_select(x, 0, i, out=out).to(self.device, non_blocking=True)
