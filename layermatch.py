@@ -38,6 +38,7 @@ import datetime
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -49,7 +50,7 @@ import sys
 import threading
 import time
 import typing
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -142,7 +143,9 @@ ALGORITHM_DEFAULTS = {
     "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
     "supervised": dict(grad_relu="off", lambda_ac=0.0),
 }
-IDENTITY = ("dataset", "labels", "seed", "algorithm")  # a resumed run must agree on these
+IDENTITY = ("dataset", "labels", "seed", "algorithm")  # an experiment
+SAME_RUN = IDENTITY + ("arch", "pretrained", "image_size", "depth", "widen", "stages")  # a resumed run agrees on these
+MIN_SIDE = 3  # pixels: the smallest image every augmentation op handles (Sharpness's 3x3 filter)
 ARCHS = ("wrn", "resnet18", "resnet50")
 
 class UserError(Exception):
@@ -186,9 +189,9 @@ def resolve(cfg: Config, user_data: bool) -> Config:
     defaults = {**BASE_DEFAULTS, **DATASET_DEFAULTS.get(cfg.dataset, {}), **ALGORITHM_DEFAULTS[cfg.algorithm]}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
                               out=cfg.out or f"runs/{cfg.dataset}@{cfg.labels}-{cfg.algorithm}-s{cfg.seed}")
-    for name in ("labels", "steps", "batch_size", "uratio", "eval_every", "widen"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    for name, least in dict(labels=1, steps=1, batch_size=1, uratio=1, eval_every=1, widen=1, image_size=MIN_SIDE).items():
+        if getattr(cfg, name) < least:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {least} (got {getattr(cfg, name)})")
     checks = [(0 < cfg.threshold <= 1, "--threshold must be in (0, 1]"), (cfg.lr > 0, "--lr must be positive"),
               (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
               (0 <= cfg.ac_momentum < 1, "--ac-momentum must be in [0, 1)"),
@@ -269,10 +272,10 @@ def load_data(cfg: Config) -> dict:
 
 def check_data(data: dict):
     """Validate the data (user tensors especially) so that mistakes are one clear line before any work starts."""
-    keys = ("train_x", "train_y", "test_x", "test_y", "unlabeled_x", "classes")
+    keys = ("train_x", "train_y", "test_x", "test_y", "unlabeled_x", "classes", "mean_std")
     if not isinstance(data, dict) or not set(data) <= set(keys):
         raise UserError(f"data must be a dict with keys {', '.join(keys[:4])} and optionally unlabeled_x "
-                        f"(more images, no labels) and classes (names)")
+                        f"(more images, no labels), classes (names) and mean_std (train_x's per-channel mean and std)")
     for split in ("train", "test"):
         x, y = data.get(f"{split}_x"), data.get(f"{split}_y")
         if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4 and len(x)):
@@ -283,9 +286,9 @@ def check_data(data: dict):
     same = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 4 and t.shape[1:] == shape
     if not same(data["test_x"]) or (u is not None and not same(u)):
         raise UserError(f"all image tensors must be uint8 of the train images' shape [N, {', '.join(map(str, shape))}]")
-    if shape[0] not in (1, 3) or min(shape[1:]) < 2:
+    if shape[0] not in (1, 3) or min(shape[1:]) < MIN_SIDE:
         raise UserError(f"images must have 1 (grayscale) or 3 (RGB) channels, as RandAugment's colour ops need, and "
-                        f"at least 2x2 pixels (got [N, {', '.join(map(str, shape))}])")
+                        f"at least {MIN_SIDE}x{MIN_SIDE} pixels, as its Sharpness filter (got [N, {', '.join(map(str, shape))}])")
     num_classes = int(data["train_y"].max()) + 1
     if min(data["train_y"].min(), data["test_y"].min()) < 0 or num_classes < 2:
         raise UserError("labels must be 0..num_classes-1, with at least 2 classes")
@@ -522,10 +525,11 @@ class ResNet(nn.Module):
         return self.fc(f), f
 
 def make_network(cfg: dict, num_classes: int, shape) -> nn.Module:
-    """The --arch network for images of shape [C, H, W]; cfg is a Config as a dict (a checkpoint's)."""
+    """The --arch network for images of shape [C, H, W]; cfg is a Config as a dict (a checkpoint's). Pretrained
+    weights take RGB: grayscale images are then fed as three equal channels (normalisation broadcasts them)."""
     if cfg.get("arch", "wrn") == "wrn":
         return WideResNet(num_classes, cfg["depth"], cfg["widen"], shape[0], cfg["stages"])
-    return ResNet(cfg["arch"], num_classes, shape[0], min(shape[1:]))
+    return ResNet(cfg["arch"], num_classes, 3 if cfg.get("pretrained") else shape[0], min(shape[1:]))
 
 # ---------------------------------------------------------------------------------------------
 # Losses: FixMatch, Grad-ReLU, Avg-Clustering (our reading of arXiv 2406.14207: README, Our reading)
@@ -639,74 +643,117 @@ def layermatch_step(model, head, batch, normalize, gen, centres, seen, cfg, dtyp
 # ---------------------------------------------------------------------------------------------
 # Your own images and pretrained weights: reading them in, every mistake one line
 
-def read_image(path: str, size: int) -> torch.Tensor:
-    """An image file -> uint8 [3, size, size] (RGB; grayscale gets three equal channels): the shorter side resized
-    to size (bilinear, PIL's antialiasing), then the centre size x size crop, so no image is squashed."""
+def read_image(path: str, size: int) -> bytearray:
+    """An image file -> its RGB pixels [size, size, 3] as bytes: the shorter side resized to size (bilinear, PIL's
+    antialiasing), then the centre size x size crop, so no image is squashed. PIL only: safe in a forked process."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return TF.pil_to_tensor(TF.center_crop(TF.resize(im.convert("RGB"), size), size))
-    except (OSError, ValueError) as e:  # not an image, truncated, unsupported format
+            return bytearray(TF.center_crop(TF.resize(im.convert("RGB"), size), size).tobytes())
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, a decompression bomb
         raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
 
+def read_chunk(paths: list, size: int) -> bytearray:  # the work of one task of a decoding process
+    return bytearray().join(read_image(p, size) for p in paths)
+
+CHUNK = 32  # images per task of a decoding process
+
 def read_images(paths: list, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Image files -> uint8 [N, 3, size, size] (into out if given), decoded by one thread per core: PIL releases
-    Python's lock while it decodes and resizes."""
+    """Image files -> uint8 [N, 3, size, size] (into out if given), decoded by one process per core: threads would
+    spend most of the time of a small image holding Python's lock."""
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8) if out is None else out
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # after a bad image, map cancels the images not yet decoded
-        done = pool.map(lambda i: out[i].copy_(read_image(paths[i], size)), range(len(paths)))
-        for _ in tqdm(done, total=len(paths), desc="decoding", unit="img", disable=len(paths) < 1000, leave=False):
-            pass
+    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    workers = min(os.cpu_count() or 1, len(chunks))
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool, \
+            tqdm(total=len(paths), desc="decoding", unit="img", disable=len(paths) < 1000, leave=False) as bar:
+        done = (pool.map if pool else map)(read_chunk, chunks, [size] * len(chunks))  # a bad image cancels the rest
+        for i, pixels in enumerate(done):
+            n = len(pixels) // (3 * size * size)
+            out[i * CHUNK:i * CHUNK + n] = torch.frombuffer(pixels, dtype=torch.uint8).view(n, size, size, 3).permute(0, 3, 1, 2)
+            bar.update(n)
     return out
 
-def cached_images(paths: list, size: int, cache_dir: str, name: str) -> tuple:
-    """(images [N, 3, size, size] memory-mapped from cache_dir, whether all are grayscale), decoded only once: the
-    cache is keyed by the file list, sizes, modification times and size. A cache file of the wrong size (cut off)
-    is rebuilt; an unfinished one is never read (write_cache)."""
-    listing = [(p, st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
-    key = hashlib.sha256(json.dumps([size, listing]).encode()).hexdigest()[:16]
-    prefix = os.path.join(cache_dir, f"{name}-{size}px-")  # name: the folder's name and a hash of its path
-    images, shape = f"{prefix}{key}.u8", (len(paths), 3, size, size)
+@contextlib.contextmanager
+def cache_lock(path: str):
+    """An exclusive lock on the file path while the block runs; the system releases it if the process dies."""
     try:
-        with open(f"{prefix}{key}.json") as fh:
-            gray = json.load(fh)["gray"] if os.path.getsize(images) == math.prod(shape) else None
-    except (OSError, ValueError, KeyError):
-        gray = None  # no cache, or a broken one
-    if gray is None:
-        gray = write_cache(paths, size, prefix, key, shape)
-    return torch.from_file(images, size=math.prod(shape), dtype=torch.uint8).view(shape), gray  # a private mmap
+        import fcntl
+    except ImportError:  # Windows: no lock, so start one run on a new folder before the next
+        fcntl = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fh = open(path, "a")
+    except OSError as e:
+        raise UserError(f"cannot write the image cache in '{os.path.dirname(path)}' ({e.strerror or e}); "
+                        "pass --cache-dir DIR") from None
+    with fh:
+        try:
+            fcntl and fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"note: waiting for another process that is decoding into the image cache ('{path}')",
+                  file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
-def write_cache(paths, size, prefix, key, shape) -> bool:
-    """Decode into prefix+key.u8.tmp<pid>, then rename it and write its .json, whose presence marks it complete;
-    the folder's other caches at this size and unfinished writes are deleted first. Returns: all grayscale?"""
-    tmp, start = f"{prefix}{key}.u8.tmp{os.getpid()}", time.time()
+def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, n_stats: int) -> tuple:
+    """(images [N, 3, size, size] memory-mapped from cache_dir, metadata: all grayscale?, the per-channel mean and std
+    of the first n_stats), decoded once for any number of processes: the first decodes, under a lock, the others wait
+    and map its file. Keyed by the file names relative to root, their sizes and modification times, and size; a file
+    of the wrong size (cut off) is rebuilt, an unfinished one is never read (write_cache)."""
+    listing = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
+    key = hashlib.sha256(json.dumps([size, n_stats, listing]).encode()).hexdigest()[:16]
+    name = f"{os.path.basename(root)}-{hashlib.sha256(root.encode()).hexdigest()[:8]}-{part}-{size}px-"
+    prefix, shape = os.path.join(cache_dir, name), (len(paths), 3, size, size)
+
+    def finished():
+        try:
+            with open(f"{prefix}{key}.json") as fh:
+                return json.load(fh) if os.path.getsize(f"{prefix}{key}.u8") == math.prod(shape) else None
+        except (OSError, ValueError):
+            return None  # not written yet, or broken
+    meta = finished()
+    if meta is None:
+        with cache_lock(f"{prefix}lock"):
+            meta = finished() or write_cache(paths, size, prefix, key, shape, n_stats)
+    return torch.from_file(f"{prefix}{key}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
+
+def write_cache(paths, size, prefix, key, shape, n_stats) -> dict:
+    """Decode into prefix+key.u8.tmp, flush it, rename it and write its .json, whose presence marks it complete.
+    Runs under the cache's lock, so the prefix's other files are stale (another version of the folder, the unfinished
+    write of a process that died): they go first."""
+    tmp, start = f"{prefix}{key}.u8.tmp", time.time()
     try:
-        os.makedirs(os.path.dirname(prefix), exist_ok=True)
         for old in glob.glob(glob.escape(prefix) + "*"):
-            os.remove(old)
+            if old != f"{prefix}lock":
+                os.remove(old)
         x = read_images(paths, size, torch.from_file(tmp, True, math.prod(shape), dtype=torch.uint8).view(shape))
-        gray = all(torch.equal(c[:, 0], c[:, 1]) and torch.equal(c[:, 0], c[:, 2]) for c in x.split(4096))
+        gray = all(torch.equal(c[:, 0], c[:, 1]) and torch.equal(c[:, 0], c[:, 2]) for c in x.split(256))
+        mean, std = channel_mean_std(x[:n_stats]) if n_stats else (torch.zeros(3), torch.zeros(3))
         del x  # unmapped: every byte is in the file
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, f"{prefix}{key}.u8")
-        write_text(f"{prefix}{key}.json", json.dumps(dict(gray=gray, images=len(paths), size=size)))
+        meta = dict(gray=gray, images=len(paths), size=size, mean=mean.tolist(), std=std.tolist())
+        write_text(f"{prefix}{key}.json", json.dumps(meta))
     except OSError as e:
-        raise UserError(f"cannot write the image cache in '{os.path.dirname(prefix)}' ({e.strerror or e}); "
-                        "pass --cache-dir DIR") from None
+        raise UserError(f"cannot write the image cache file '{e.filename or tmp}' ({e.strerror or e}); free space "
+                        "there or pass --cache-dir DIR") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     print(f"note: decoded {len(paths)} images in {time.time() - start:.1f} s into '{prefix}{key}.u8' "
           f"({math.prod(shape) / 1e9:.3g} GB); later runs map it", file=sys.stderr)
-    return gray
+    return meta
 
 def load_folder(root: str, size: int, cache_dir: str, only: list | None = None) -> dict:
     """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or root/val/, as
-    ImageNet's) with the same class names, and optionally root/unlabeled/ with images in any sub-folders. 1 channel
-    if every image is grayscale (R = G = B), else RGB. With `only`, those classes of many (ImageNet-100's).
-    The images come from a cache in cache_dir (cached_images), so that only the first run decodes them."""
+    ImageNet's, also where test/ holds no class folders) with the same class names, and optionally root/unlabeled/
+    with images in any sub-folders. 1 channel if every image is grayscale (R = G = B), else RGB. With `only`, those
+    classes of many (ImageNet-100's). The images come from caches in cache_dir (cached_images), train and unlabeled
+    images in one, so that the unlabeled pool [train, unlabeled] is a view of it."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
+
+    root = os.path.realpath(root)  # any spelling of a folder finds its cache
 
     def labeled(split, class_to_idx=None):  # (class names, [(path, label)]); test takes train's labels
         path = os.path.join(root, split)
@@ -725,19 +772,24 @@ def load_folder(root: str, size: int, cache_dir: str, only: list | None = None) 
         except FileNotFoundError as e:  # no folder, no class folders, a class without images
             raise UserError(f"--dataset folder: {e} (expected '{path}/<class>/<image>')") from None
     classes, train = labeled("train")
-    has_test = os.path.isdir(os.path.join(root, "test")) or not os.path.isdir(os.path.join(root, "val"))
-    _, test = labeled("test" if has_test else "val", {c: i for i, c in enumerate(classes)})
+    has_classes = lambda split: os.path.isdir(p := os.path.join(root, split)) and any(e.is_dir() for e in os.scandir(p))
+    split = "test" if has_classes("test") or not has_classes("val") else "val"
+    if split == "val" and os.path.isdir(os.path.join(root, "test")):
+        print(f"note: '{root}/test' holds no class folders (ImageNet's unlabeled test images?): testing on "
+              f"'{root}/val'", file=sys.stderr)
+    _, test = labeled(split, {c: i for i, c in enumerate(classes)})
     extra = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, "unlabeled")) for f in files
                    if has_file_allowed_extension(f, IMG_EXTENSIONS))
     if os.path.isdir(os.path.join(root, "unlabeled")) and not extra:
         raise UserError(f"--dataset folder: no images in '{os.path.join(root, 'unlabeled')}'")
-    root = os.path.abspath(root)
-    name = f"{os.path.basename(root)}-{hashlib.sha256(root.encode()).hexdigest()[:8]}"
-    x, gray = cached_images([p for p, _ in train + test] + extra, size, cache_dir or default_cache_dir(), name)
-    x = x[:, :1] if gray else x  # every image has R = G = B
-    n, label = len(train), lambda samples: torch.tensor([k for _, k in samples])
-    return dict(train_x=x[:n], train_y=label(train), test_x=x[n:n + len(test)], test_y=label(test),
-                unlabeled_x=x[n + len(test):] if extra else None, classes=classes)
+    cache_dir, n = cache_dir or default_cache_dir(), len(train)
+    x, meta = cached_images("train", [p for p, _ in train] + extra, root, size, cache_dir, n)
+    t, test_meta = cached_images("test", [p for p, _ in test], root, size, cache_dir, 0)
+    c = 1 if meta["gray"] and test_meta["gray"] else 3  # 1: every image has R = G = B
+    label = lambda samples: torch.tensor([k for _, k in samples])
+    return dict(train_x=x[:n, :c], train_y=label(train), test_x=t[:, :c], test_y=label(test),
+                unlabeled_x=x[n:, :c] if extra else None, classes=classes,
+                mean_std=tuple(torch.tensor(v[:c], dtype=torch.float64) for v in (meta["mean"], meta["std"])))
 
 def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "layermatch")
@@ -772,15 +824,18 @@ def load_pretrained(net: ResNet, arch: str, source: str):
 # ---------------------------------------------------------------------------------------------
 # Where the images are kept (--data-on) and each step's batch
 
-def channel_mean_std(x: torch.Tensor, chunk: int = 4096):
-    """Per-channel mean and std of uint8 images [N, C, H, W], summed in chunks: a large dataset is not copied."""
-    sums = torch.zeros(2, x.shape[1], dtype=torch.float64)
-    for part in x.split(chunk):
-        v = part.transpose(0, 1).reshape(x.shape[1], -1).double()
-        sums += torch.stack([v.sum(1), v.square().sum(1)])
-    n = x.numel() // x.shape[1]
-    mean = sums[0] / n
-    return mean.float(), ((sums[1] - n * mean**2) / (n - 1)).sqrt().float()
+def channel_mean_std(x: torch.Tensor, values: int = 2**24) -> tuple:
+    """Per-channel mean and (unbiased) std of uint8 images [N, C, H, W] in float64, exact: from 256-bin histograms of
+    chunks of about `values` pixels, so that memory stays bounded however large the dataset."""
+    hist = torch.zeros(x.shape[1], 256, dtype=torch.int64)
+    for part in x.split(max(1, values // x[0].numel())):
+        for c in range(x.shape[1]):
+            hist[c] += torch.bincount(part[:, c].reshape(-1), minlength=256)
+    stats = []
+    for h in hist.tolist():  # Python's integers: the sums are exact, and each division rounds once
+        n, s1, s2 = sum(h), sum(v * k for v, k in enumerate(h)), sum(v * v * k for v, k in enumerate(h))
+        stats.append((s1 / n, math.sqrt((n * s2 - s1 * s1) / (n * (n - 1)))))
+    return tuple(torch.tensor(v, dtype=torch.float64) for v in zip(*stats))
 
 def training_memory(net: nn.Module, shape, images_per_step: int, dtype) -> int:
     """Device bytes a training step needs besides the data: fp32 weights, gradients, momentum and EMA, and the
@@ -792,9 +847,10 @@ def training_memory(net: nn.Module, shape, images_per_step: int, dtype) -> int:
     def pack(t):
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # several ops save the same tensor
         return t
+    channels = next(m for m in net.modules() if isinstance(m, nn.Conv2d)).in_channels  # 3 for gray + pretrained
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
-        net(torch.randn(8, *shape))
+        net(torch.randn(8, channels, *shape[1:]))
     return 16 * sum(p.numel() for p in net.parameters()) + sum(saved.values()) * images_per_step // 8
 
 def free_memory(device: torch.device) -> int | None:
@@ -810,19 +866,33 @@ def data_placement(choice: str, data_bytes: int, need_bytes: int, free_bytes: in
         raise UserError(f"--data-on device: {why}; pass --data-on host to keep the images in host memory")
     return choice == "host" or not fits, why
 
+def joined(parts: list, where: torch.device) -> torch.Tensor:
+    """The images of parts, one after the other, as one uint8 tensor on where, with no second copy: a view where they
+    lie so already (train and unlabeled images in a memory-mapped cache), else one buffer filled in pieces."""
+    a, n = parts[0], sum(map(len, parts))
+    starts = itertools.accumulate([len(p) * a.stride(0) for p in parts], initial=a.storage_offset())
+    if where.type == "cpu" and all(p.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and
+                                   p.stride() == a.stride() and p.storage_offset() == start
+                                   for p, start in zip(parts, starts)):
+        return a.as_strided((n, *a.shape[1:]), a.stride())
+    out = torch.empty((n, *a.shape[1:]), dtype=torch.uint8, device=where)
+    pieces = [q for p in parts for q in p.split(4096)]  # bounded temporaries for strided (grayscale) views
+    for piece, start in zip(pieces, itertools.accumulate(map(len, pieces), initial=0)):
+        out[start:start + len(piece)] = piece
+    return out
+
 def to_device(data: dict, labeled: torch.Tensor, cfg: Config, device, fmt, on_host=False) -> dict:
     """The images as uint8 on the training device (on_host: in host memory, maybe a memory-mapped cache), the
     labels, the labeled subset, and the normalisation. Batches gathers each step's images from here."""
     where = torch.device("cpu") if on_host else device
     train_x, extra = data["train_x"], data.get("unlabeled_x")
-    x_u = train_x.to(where)  # no copy for images already there: a memory-mapped cache stays one shared copy
-    if extra is not None:  # filled in place: one copy of the images, wherever they go
-        x_u = torch.empty((len(train_x) + len(extra), *train_x.shape[1:]), dtype=torch.uint8, device=where)
-        x_u[:len(train_x)], x_u[len(train_x):] = train_x, extra
+    x_u = joined([train_x] + ([] if extra is None else [extra]), where)  # the unlabeled pool: train + unlabeled
     y = data["train_y"].to(where)
     num_classes = int(data["train_y"].max()) + 1
-    mean, std = (255 * torch.tensor(v) for v in IMAGENET_MEAN_STD) if cfg.pretrained else channel_mean_std(train_x)
-    mean, std = (v.view(1, -1, 1, 1).to(device) for v in (mean, std))  # pretrained: as its weights were trained
+    mean, std = (255 * torch.tensor(v) for v in IMAGENET_MEAN_STD) if cfg.pretrained else \
+        data.get("mean_std") or channel_mean_std(train_x)  # a folder's are stored with its cache
+    # pretrained: as its weights were trained, and grayscale images become three equal channels by broadcasting
+    mean, std = (v.float().view(1, -1, 1, 1).to(device) for v in (mean, std))
     names = list(data.get("classes") or map(str, range(num_classes)))
     return dict(x=x_u[:len(y)], y=y, x_u=x_u, y_u=torch.cat([y, y.new_full((len(x_u) - len(y),), -1)]),
                 labeled=labeled, on_host=on_host, test_x=data["test_x"].to(where), test_y=data["test_y"].to(device),
@@ -834,8 +904,9 @@ SAMPLER_SEED = 0x5A3D1E5F  # mixed into the sampler's seed: its stream must not 
 class Batches:
     """Each step's sampled images on the device. The indices are i.i.d. draws from a CPU generator (one per process;
     checkpointed), so they are known on the host before the device needs them: prefetch(), called once a step has
-    been queued, gathers the next step's images (--data-on host: from host memory into pinned buffers) and copies
-    them non_blocking while the GPU still works. Both placements give the same batches, bit for bit."""
+    been queued, gathers the next step's images (--data-on host: from host memory into pinned buffers) while the GPU
+    still works; the non_blocking copies follow that step's kernels on the same stream. Both placements give the
+    same batches, bit for bit."""
 
     def __init__(self, D: dict, B: int, uB: int, device, seed: int):
         self.D, self.B, self.uB, self.device = D, B, uB, device
@@ -942,8 +1013,6 @@ def write_text(path, text):
 
 def prepare_out(cfg: Config):
     """The output folder: never silently reused or clobbered."""
-    if cfg.resume and not os.path.exists(os.path.join(cfg.out, "checkpoint.pt")):
-        raise UserError(f"--resume: there is no checkpoint.pt in '{cfg.out}'")
     if not cfg.resume and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise UserError(f"output folder '{cfg.out}' exists: add --resume to continue it or --overwrite to replace it")
     try:
@@ -958,10 +1027,13 @@ def prepare_out(cfg: Config):
         raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
 
 def check_resumable(cfg: Config, saved: dict):
-    """A resumed run must be the same experiment; other changed settings are allowed but reported."""
-    for k in IDENTITY:
-        if saved[k] != getattr(cfg, k):
-            raise UserError(f"cannot resume: the checkpoint has --{k} {saved[k]}, this command --{k} {getattr(cfg, k)}")
+    """A resumed run must be the same experiment on the same network and images; other changed settings are allowed
+    but reported."""
+    for k in SAME_RUN:
+        if k in saved and saved[k] != getattr(cfg, k):  # (a key not in the checkpoint: older code, no such flag)
+            flag, show = k.replace("_", "-"), lambda v: "(none)" if v == "" else v
+            raise UserError(f"cannot resume: the checkpoint has --{flag} {show(saved[k])}, this command --{flag} "
+                            f"{show(getattr(cfg, k))}")
     changed = [f"{k} {saved[k]} -> {v}" for k, v in dataclasses.asdict(cfg).items()
                if k in saved and saved[k] != v and k not in ("resume", "overwrite", "stop_at", "tensorboard")]
     if changed:
@@ -1002,25 +1074,29 @@ def setup_processes(cfg: Config):
     return rank, world, device
 
 def rank_zero_first(world: int, rank: int, work):
-    """work(True) on rank 0 (download the data, prepare the output folder), then work(False) on the others.
-    They wait on a gloo group with a day's timeout: the process group's default (10 minutes for NCCL) is
-    shorter than a first STL-10 download. An error on rank 0 stops every rank with its message."""
+    """work(True) on rank 0 (download the data, prepare the output folder), then work(False) on all the others at
+    once (on each machine the first to need an image cache decodes it, the others wait for it: cached_images), and
+    then all go on together. They wait on a gloo group with a day's timeout: the process group's default (10 minutes
+    for NCCL) is shorter than a first STL-10 download or decode. An error on any rank stops every rank."""
     if world == 1:
         return work(True)
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-    if rank == 0:
-        try:
-            result = work(True)
-        except Exception as e:
-            dist.broadcast_object_list([str(e) or type(e).__name__], src=0, group=group)
-            raise
-        dist.broadcast_object_list([None], src=0, group=group)
-        return result
-    error = [None]
-    dist.broadcast_object_list(error, src=0, group=group)
-    if error[0] is not None:
-        raise UserError(f"stopped because rank 0 failed: {error[0]}")
-    return work(False)
+    result = None
+    for turn in ("rank 0", "the others"):
+        error = None
+        if (rank == 0) == (turn == "rank 0"):
+            try:
+                result = work(rank == 0)
+            except Exception as e:
+                error = e
+        errors = [None] * world
+        dist.all_gather_object(errors, error and (str(error) or type(error).__name__), group=group)
+        if error:
+            raise error
+        failed = next(((r, e) for r, e in enumerate(errors) if e), None)
+        if failed:
+            raise UserError(f"stopped because rank {failed[0]} failed: {failed[1]}")
+    return result
 
 def all_reduce(*tensors):
     if dist.is_initialized():
@@ -1096,9 +1172,7 @@ def read_checkpoint(out: str) -> dict:
         raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
                         "it was left untouched: move it away or start again with --overwrite") from None
 
-def restore_checkpoint(s: State, cfg: Config, world: int, rank: int):
-    ck = read_checkpoint(cfg.out)
-    check_resumable(cfg, ck["config"])
+def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
     if len(ck["generators"]) != world:
         raise UserError(f"cannot resume: the checkpoint is from {len(ck['generators'])} processes, this has {world}")
     s.model.load_state_dict(ck["model"])
@@ -1261,6 +1335,9 @@ def train(cfg: Config, data: dict | None = None) -> dict:
         report(done, cfg.out)
         return done
     SummaryWriter = tensorboard_writer() if cfg.tensorboard else None
+    ck = read_checkpoint(cfg.out) if cfg.resume else None
+    if ck:
+        check_resumable(cfg, ck["config"])  # before anything is loaded or written
     rank, world, device = setup_processes(cfg)
     if rank == 0 and default_recipe and cfg.dataset == "folder":
         print(f"note: --dataset folder trains with the CIFAR-10 recipe, {cfg.steps} steps of B={cfg.batch_size}, "
@@ -1304,7 +1381,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
               torch.zeros(D["num_classes"], dtype=torch.bool, device=device), torch.zeros(len(STATS), device=device),
               D["inputs"])
     if cfg.resume:
-        restore_checkpoint(s, cfg, world, rank)
+        restore_checkpoint(s, ck, cfg, world, rank)
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = torch.compile(model) if cfg.compile else model
 
@@ -1327,7 +1404,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             ema_update(s.ema, net, ema_decay(cfg.ema, s.step))
             s.step += 1
             if s.step < cfg.steps:
-                s.batches.prefetch()  # the next batch's gather and copy overlap this step on a GPU
+                s.batches.prefetch()  # on a GPU the next batch's host-side gather overlaps this step
             bad_step = torch.where((bad_step < 0) & ~loss.isfinite(), s.step, bad_step)
             accumulate(s.stats, loss, terms)
             progress.tick(loss, s.step)
