@@ -18,6 +18,7 @@ with the data on the device and on the host:
 import contextlib
 import dataclasses
 import io
+import os
 import random
 import sys
 import tempfile
@@ -89,15 +90,15 @@ def memory_estimate(cfg: lm.Config, C: int, S: int, B: int, uB: int) -> list:
             f"(the memory-mapped cache: one copy for all processes of a machine)"]
 
 
-def decode_speed(S: int, n: int = 96) -> tuple:
-    """(images/s with lm.read_images' threads, images/s of one PIL read after another) on 500x375 JPEG photos'
-    stand-ins (smooth colour gradients with noise), each decoded, resized to S and centre-cropped."""
-    g = torch.Generator().manual_seed(0)
+def decode_speed(S: int, side: tuple, n: int) -> tuple:
+    """(images/s with lm.read_images' processes, images/s of one PIL read after another) on n JPEG photos' stand-ins
+    of side (width, height) (smooth colour gradients with noise), each decoded, resized to S and centre-cropped."""
+    g, (w, h) = torch.Generator().manual_seed(0), side
     with tempfile.TemporaryDirectory() as folder:
         paths = []
         for i in range(n):
-            ramp = torch.linspace(0, 1, 500).view(1, 1, 500) * torch.rand(3, 1, 1, generator=g) * 200
-            noise = torch.randint(0, 56, (3, 375, 500), generator=g)
+            ramp = torch.linspace(0, 1, w).view(1, 1, w) * torch.rand(3, 1, 1, generator=g) * 200
+            noise = torch.randint(0, 56, (3, h, w), generator=g)
             im = (ramp + noise).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
             paths.append(f"{folder}/{i}.jpg")
             Image.fromarray(im).save(paths[-1], quality=90)
@@ -114,9 +115,10 @@ def bench(cfg: lm.Config):
     y = torch.arange(len(x)) % 10
     print(f"device {device}, torch {torch.__version__}, {threads} threads, dataset shape {C}x{S}x{S}, B={B}, muB={uB}")
     print(*memory_estimate(cfg, C, S, B, uB), sep="\n", flush=True)
-    decode, serial = decode_speed(S)
-    print(f"decoding 500x375 JPEGs to {S} px: {threads} threads {decode:,.0f} images/s, serial PIL {serial:,.0f} "
-          f"images/s   {decode / serial:.2f}x")
+    for side, n, size in (((500, 375), 384, S), ((224, 224), 1536, min(S, 64))):  # photos; small ones (ImageNet's)
+        decode, serial = decode_speed(size, side, n)
+        print(f"decoding {side[0]}x{side[1]} JPEGs to {size} px: {os.cpu_count()} processes {decode:,.0f} images/s, "
+              f"serial PIL {serial:,.0f} images/s   {decode / serial:.2f}x")
 
     gen, x_l, x_u = torch.Generator(device).manual_seed(0), x[:B].to(device), x[:uB].to(device)
     weak = lambda v: lm.weak_augment(v, gen, cfg.hflip)

@@ -47,6 +47,7 @@ import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -643,35 +644,47 @@ def layermatch_step(model, head, batch, normalize, gen, centres, seen, cfg, dtyp
 # ---------------------------------------------------------------------------------------------
 # Your own images and pretrained weights: reading them in, every mistake one line
 
-def read_image(path: str, size: int) -> bytearray:
-    """An image file -> its RGB pixels [size, size, 3] as bytes: the shorter side resized to size (bilinear, PIL's
+def read_image(path: str, size: int) -> bytes:
+    """An image file -> its RGB pixels [3, size, size] as bytes: the shorter side resized to size (bilinear, PIL's
     antialiasing), then the centre size x size crop, so no image is squashed. PIL only: safe in a forked process."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return bytearray(TF.center_crop(TF.resize(im.convert("RGB"), size), size).tobytes())
+            return b"".join(band.tobytes() for band in TF.center_crop(TF.resize(im.convert("RGB"), size), size).split())
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, a decompression bomb
         raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
 
-def read_chunk(paths: list, size: int) -> bytearray:  # the work of one task of a decoding process
-    return bytearray().join(read_image(p, size) for p in paths)
+def write_images(file: str, start: int, paths: list, size: int) -> int:
+    """Decode images into the uint8 file [N, 3, size, size] from image number start on (a decoding process's task)."""
+    pixels = b"".join(read_image(p, size) for p in paths)
+    with open(file, "r+b") as fh:
+        fh.seek(start * 3 * size * size)
+        fh.write(pixels)
+    return len(paths)
 
-CHUNK = 32  # images per task of a decoding process
+CHUNK = 32  # images per task of a decoding process, at most
 
-def read_images(paths: list, size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Image files -> uint8 [N, 3, size, size] (into out if given), decoded by one process per core: threads would
-    spend most of the time of a small image holding Python's lock."""
-    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8) if out is None else out
-    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    workers = min(os.cpu_count() or 1, len(chunks))
+def decode_into(file: str, paths: list, size: int):
+    """Decode image files into file (uint8 [N, 3, size, size], already of that length) by one process per core, each
+    writing its images straight into it: threads would hold Python's lock for most of a small image's time."""
+    cores = os.cpu_count() or 1
+    chunk = max(1, min(CHUNK, len(paths) // (4 * cores)))  # a few tasks per process at least, to balance the load
+    starts = range(0, len(paths), chunk)
+    tasks = [[file] * len(starts), starts, [paths[i:i + chunk] for i in starts], [size] * len(starts)]
+    workers = min(cores, len(starts))
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool, \
             tqdm(total=len(paths), desc="decoding", unit="img", disable=len(paths) < 1000, leave=False) as bar:
-        done = (pool.map if pool else map)(read_chunk, chunks, [size] * len(chunks))  # a bad image cancels the rest
-        for i, pixels in enumerate(done):
-            n = len(pixels) // (3 * size * size)
-            out[i * CHUNK:i * CHUNK + n] = torch.frombuffer(pixels, dtype=torch.uint8).view(n, size, size, 3).permute(0, 3, 1, 2)
+        for n in (pool.map if pool else map)(write_images, *tasks):  # a bad image cancels the tasks not yet started
             bar.update(n)
-    return out
+
+def read_images(paths: list, size: int) -> torch.Tensor:
+    """Image files -> uint8 [N, 3, size, size] in memory (e.g. for predict), decoded as for the cache."""
+    with tempfile.TemporaryDirectory() as folder:
+        file, shape = os.path.join(folder, "images.u8"), (len(paths), 3, size, size)
+        with open(file, "wb") as fh:
+            fh.truncate(math.prod(shape))
+        decode_into(file, paths, size)
+        return torch.from_file(file, size=math.prod(shape), dtype=torch.uint8).view(shape).clone()
 
 @contextlib.contextmanager
 def cache_lock(path: str):
@@ -726,7 +739,10 @@ def write_cache(paths, size, prefix, key, shape, n_stats) -> dict:
         for old in glob.glob(glob.escape(prefix) + "*"):
             if old != f"{prefix}lock":
                 os.remove(old)
-        x = read_images(paths, size, torch.from_file(tmp, True, math.prod(shape), dtype=torch.uint8).view(shape))
+        with open(tmp, "wb") as fh:
+            fh.truncate(math.prod(shape))
+        decode_into(tmp, paths, size)
+        x = torch.from_file(tmp, size=math.prod(shape), dtype=torch.uint8).view(shape)
         gray = all(torch.equal(c[:, 0], c[:, 1]) and torch.equal(c[:, 0], c[:, 2]) for c in x.split(256))
         mean, std = channel_mean_std(x[:n_stats]) if n_stats else (torch.zeros(3), torch.zeros(3))
         del x  # unmapped: every byte is in the file

@@ -1270,17 +1270,19 @@ def test_bench_prints_consistent_ratios():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     ratios = [line for line in r.stdout.splitlines() if re.search(r" [0-9.]+x$", line)]
-    assert len(ratios) == 5 and r.stdout.count("device memory estimate, data on the") == 2, r.stdout
+    assert len(ratios) == 6 and r.stdout.count("device memory estimate, data on the") == 2, r.stdout
     number = lambda pattern: float(re.search(pattern, r.stdout).group(1).replace(",", ""))
     ratio = lambda k: float(ratios[k].split()[-1][:-1])
-    decode, serial = number(r"threads ([0-9,]+) images/s"), number(r"serial PIL ([0-9,]+) images/s")
-    assert abs(decode / serial - ratio(0)) <= 0.01 + 0.01 * decode / serial, ratios[0]
+    for k, side in enumerate(("500x375", "224x224")):  # large and small photos
+        decode, serial = (float(v.replace(",", "")) for v in re.search(
+            side + r" JPEGs to \d+ px: \d+ processes ([0-9,]+) images/s, serial PIL ([0-9,]+) images/s", r.stdout).groups())
+        assert abs(decode / serial - ratio(k)) <= 0.01 + 0.01 * decode / serial, ratios[k]
     ours, ref = number(r"1 thread each: ours ([0-9,]+)"), number(r"PIL reference ([0-9,]+)")
-    assert abs(ours / ref - ratio(1)) <= 0.05 + 0.01 * ours / ref, ratios[1]
+    assert abs(ours / ref - ratio(2)) <= 0.05 + 0.01 * ours / ref, ratios[2]
     step, plain = number(r"step \(ours\): ([0-9.]+)"), number(r"step \(plain NCHW fp32\): ([0-9.]+)")
-    assert abs(step / plain - ratio(3)) <= 0.01 + 0.02 * step / plain, ratios[3]
+    assert abs(step / plain - ratio(4)) <= 0.01 + 0.02 * step / plain, ratios[4]
     host = number(r"step \(images in host memory\): ([0-9.]+)")
-    assert abs(host / step - ratio(4)) <= 0.01 + 0.02 * host / step, ratios[4]
+    assert abs(host / step - ratio(5)) <= 0.01 + 0.02 * host / step, ratios[5]
 
 
 # ---------------------------------------------------------------------------------------------
