@@ -102,7 +102,7 @@ def decode_speed(S: int, side: tuple, n: int) -> tuple:
             im = (ramp + noise).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
             paths.append(f"{folder}/{i}.jpg")
             Image.fromarray(im).save(paths[-1], quality=90)
-        speed = lambda read: n / min(seconds_per_call(read, torch.device("cpu"), 1.0) for _ in range(2))
+        speed = lambda read: n / min(seconds_per_call(read, torch.device("cpu"), 0) for _ in range(2))
         return speed(lambda: lm.read_images(paths, S)), speed(lambda: [lm.read_image(p, S) for p in paths])
 
 
