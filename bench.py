@@ -59,7 +59,7 @@ def pil_pipeline(side, channels, hflip):
 def seconds_per_call(fn, device, min_seconds=2.0):
     fn()  # warm-up
     calls, start = 0, time.time()
-    while time.time() - start < min_seconds:
+    while not calls or time.time() - start < min_seconds:
         fn()
         calls += 1
         if device.type == "cuda":
