@@ -35,6 +35,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
 import io
@@ -114,6 +115,9 @@ class Config:
                                    "default for stl10)", choices=[3, 4])
     widen: int | None = arg(None, "WideResNet widening factor (default 2; cifar100 8)")
     hflip: bool | None = arg(None, "random horizontal flip in weak augmentation (default on; off for svhn, digits)")
+    augment: str | None = arg(None, "strong augmentation: fixmatch (the FixMatch paper's RandAugment) or usb (USB's and "
+                                    "TorchSSL's RandAugment(3, 5)) (default fixmatch; imagenet100 usb)",
+                              choices=["fixmatch", "usb"])
     # LayerMatch (None = per-algorithm default, see ALGORITHM_DEFAULTS)
     grad_relu: str | None = arg(None, "pseudo-label gradient into the linear head (layermatch zero, else off)",
                                 choices=["zero", "relu", "off"])
@@ -135,10 +139,10 @@ DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo
     "stl10": dict(stages=4),  # WRN-37-2 in USB's layout (wrn_var_37_2; README: Network)
     "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False),
     "folder": dict(),
-    "imagenet100": dict(arch="resnet50", image_size=224, batch_size=32, weight_decay=3e-4),  # TorchSSL's ImageNet
+    "imagenet100": dict(arch="resnet50", image_size=224, batch_size=32, weight_decay=3e-4, augment="usb"),  # TorchSSL
 }
 BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, stages=3, weight_decay=5e-4, ema=0.999,
-                     hflip=True, threshold=0.95, lambda_u=1.0, arch="wrn", image_size=32)
+                     hflip=True, threshold=0.95, lambda_u=1.0, arch="wrn", image_size=32, augment="fixmatch")
 ALGORITHM_DEFAULTS = {
     "layermatch": dict(grad_relu="zero", lambda_ac=1.0),
     "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
@@ -250,7 +254,8 @@ def load_data(cfg: Config) -> dict:
     if cfg.dataset == "folder":
         return load_folder(cfg.data_dir, cfg.image_size, cfg.cache_dir)
     if cfg.dataset == "imagenet100":
-        return load_folder(cfg.data_dir, cfg.image_size, cfg.cache_dir, only=IMAGENET100)
+        d = load_folder(cfg.data_dir, cfg.image_size, cfg.cache_dir, IMAGENET100, squash=True)  # as TorchSSL feeds it
+        return d | dict(mean_std=tuple(255 * torch.tensor(v, dtype=torch.float64) for v in IMAGENET_MEAN_STD))
     import torchvision.datasets as D
     nhwc = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # CIFAR stores [N, H, W, C]
     root = cfg.data_dir
@@ -283,11 +288,13 @@ def check_data(data: dict):
             raise UserError(f"data['{split}_x'] must be a uint8 tensor [N, C, H, W] with N >= 1")
         if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.shape == (len(x),)):
             raise UserError(f"data['{split}_y'] must be an int64 tensor [N] matching data['{split}_x']")
-    u, shape = data.get("unlabeled_x"), data["train_x"].shape[1:]
+    u, test, shape = data.get("unlabeled_x"), data["test_x"], data["train_x"].shape[1:]
     same = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 4 and t.shape[1:] == shape
-    if not same(data["test_x"]) or (u is not None and not same(u)):
-        raise UserError(f"all image tensors must be uint8 of the train images' shape [N, {', '.join(map(str, shape))}]")
-    if shape[0] not in (1, 3) or min(shape[1:]) < MIN_SIDE:
+    if (u is not None and not same(u)) or not (same(test) or test.shape[1] == shape[0] and all(
+            a <= b for a, b in zip(test.shape[2:], shape[1:]))):
+        raise UserError(f"image tensors must be uint8 of the train images' shape [N, {', '.join(map(str, shape))}] (test "
+                        "images may be smaller: training then takes random crops of their size)")
+    if shape[0] not in (1, 3) or min(test.shape[2:]) < MIN_SIDE:
         raise UserError(f"images must have 1 (grayscale) or 3 (RGB) channels, as RandAugment's colour ops need, and "
                         f"at least {MIN_SIDE}x{MIN_SIDE} pixels, as its Sharpness filter (got [N, {', '.join(map(str, shape))}])")
     num_classes = int(data["train_y"].max()) + 1
@@ -322,20 +329,23 @@ def reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     i = i.remainder(period)
     return torch.where(i >= n, period - i, i)
 
-def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool) -> torch.Tensor:
-    """Random translation by up to 12.5% of the side with reflect padding, then a random horizontal flip.
-    Both are one gather: every output pixel reads a (mirrored, shifted) input pixel."""
+def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool, crop: tuple | None = None) -> torch.Tensor:
+    """A random horizontal flip and a random crop of side crop (default: the images' own) at a uniform position in the
+    image reflect-padded by 12.5% of that side: at 32 px a translation by up to 4 px, as RandomCrop(32, padding=4) of
+    FixMatch and USB. Images stored larger than the crop (ImageNet-100 at 256 for 224, TorchSSL's) are padded by 4 px,
+    as TorchSSL's RandomCrop(224, padding=4). One gather: every output pixel reads a (mirrored, shifted) input pixel."""
     N, C, H, W = x.shape
-    dev, sy, sx = x.device, round(0.125 * H), round(0.125 * W)
-    dy = torch.randint(-sy, sy + 1, (N, 1), device=dev, generator=gen)
-    dx = torch.randint(-sx, sx + 1, (N, 1), device=dev, generator=gen)
-    rows = reflect(torch.arange(H, device=dev) + dy, H)  # [N, H]
-    cols = reflect(torch.arange(W, device=dev) + dx, W)  # [N, W]
+    (h, w), dev = crop or (H, W), x.device
+    py, px = (round(0.125 * h), round(0.125 * w)) if (h, w) == (H, W) else (4, 4)
+    dy = torch.randint(-py, H - h + py + 1, (N, 1), device=dev, generator=gen)
+    dx = torch.randint(-px, W - w + px + 1, (N, 1), device=dev, generator=gen)
+    rows = reflect(torch.arange(h, device=dev) + dy, H)  # [N, h]
+    cols = reflect(torch.arange(w, device=dev) + dx, W)  # [N, w]
     flip = torch.rand(N, 1, device=dev, generator=gen) < 0.5
-    if hflip:
+    if hflip:  # the crop of the flipped image, as RandomHorizontalFlip before RandomCrop
         cols = torch.where(flip, W - 1 - cols, cols)
-    pixel = (rows[:, :, None] * W + cols[:, None, :]).view(N, 1, H * W).expand(N, C, H * W)
-    return x.flatten(2).gather(2, pixel).view(N, C, H, W)
+    pixel = (rows[:, :, None] * W + cols[:, None, :]).view(N, 1, h * w).expand(N, C, h * w)
+    return x.flatten(2).gather(2, pixel).view(N, C, h, w)
 
 def blend(x, degenerate, factor):
     """PIL's ImageEnhance: degenerate + factor * (x - degenerate) in float32 with a per-image factor, then
@@ -368,21 +378,20 @@ def enhance_factor(level):
     references' double-precision factor exactly (truncation in blend makes one ulp visible)."""
     return (5 + 9 * level) / 50
 
-def affine(x, level, sign, op):
-    """Rotate / ShearX / ShearY / TranslateX / TranslateY, one grid_sample with a per-image matrix.
-    The matrix maps output to input pixels, as PIL's transform data; since every sign is random, the inverse
-    needs no care. Rotation is about the centre, shears about the top-left corner as PIL's AFFINE
-    (1, v, 0, 0, 1, 0) in all three references. Nearest-neighbour sampling as PIL's default; mid-gray fill as
-    the official FixMatch code (PIL fills black)."""
+def affine(x, m, op, fill=128):
+    """Rotate / ShearX / ShearY / TranslateX / TranslateY by m (degrees, shear factor, pixels), one grid_sample with
+    a per-image matrix. The matrix maps output to input pixels, as PIL's transform data. Rotation is about the
+    centre, as PIL's rotate(m); shears about the top-left corner as PIL's AFFINE (1, m, 0, 0, 1, 0) in all three
+    references. Nearest-neighbour sampling as PIL's default; uncovered pixels get fill: mid-gray as the official
+    FixMatch code, black (0) as PIL's default in USB."""
     N, C, H, W = x.shape
-    v = (sign * level).float()
-    angle, shear, shift_x, shift_y = torch.deg2rad(3 * v), 0.03 * v, v * W / 32, v * H / 32
-    one, zero = torch.ones_like(v), torch.zeros_like(v)
+    m = m.float()
+    angle, one, zero = torch.deg2rad(m), torch.ones_like(m), torch.zeros_like(m)
     A = {  # per op: 2x3 matrix in pixel units, coordinates about the image centre
         7: [[angle.cos(), -angle.sin(), zero], [angle.sin(), angle.cos(), zero]],
-        8: [[one, shear, shear * H / 2], [zero, one, zero]],  # the shift moves the shear's origin to the corner
-        9: [[one, zero, zero], [shear, one, shear * W / 2]],
-        10: [[one, zero, shift_x], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, shift_y]],
+        8: [[one, m, m * H / 2], [zero, one, zero]],  # the shift moves the shear's origin to the corner
+        9: [[one, zero, zero], [m, one, m * W / 2]],
+        10: [[one, zero, m], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, m]],
     }
     mats = torch.stack([torch.stack([torch.stack(r, -1) for r in A[k]], -2) for k in A])  # [5, N, 2, 3]
     k = (op - 7).clamp(0, 4)  # on accelerators every image comes here, whatever its op; where() drops the rest
@@ -392,21 +401,37 @@ def affine(x, level, sign, op):
     theta[:, 0, 2] *= 2 / W
     theta[:, 1, 2] *= 2 / H
     grid = F.affine_grid(theta, [N, C, H, W], align_corners=False)
-    out = F.grid_sample(x.float() - 128, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return (out + 128).round_().clamp_(0, 255).to(torch.uint8)
+    out = F.grid_sample(x.float() - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return (out + fill).round_().clamp_(0, 255).to(torch.uint8)
 
-# The 14 RandAugment ops of FixMatch's "RA" variant; (x uint8 [n,C,H,W], level [n] in 1..9, sign [n] +-1).
+# The 14 RandAugment ops of FixMatch's "RA" variant and of USB; (x uint8 [n,C,H,W], magnitude m [n] in the op's unit).
 COLOR_OPS = {
-    1: lambda x, L, s: TF.autocontrast(x),
-    2: lambda x, L, s: TF.equalize(x),
-    3: lambda x, L, s: blend(x, torch.zeros((), device=x.device), enhance_factor(L)),  # Brightness
-    4: lambda x, L, s: blend(x, grayscale(x), enhance_factor(L)),  # Color
-    5: lambda x, L, s: blend(x, mean_gray(x), enhance_factor(L)),  # Contrast
-    6: lambda x, L, s: blend(x, sharpen_degenerate(x), enhance_factor(L)),  # Sharpness
-    12: lambda x, L, s: x & (0xFF << (4 + (0.4 * L).floor().int())).to(torch.uint8).view(-1, 1, 1, 1),  # Posterize
-    13: lambda x, L, s: torch.where(x >= (256 - (25.6 * L).floor()).view(-1, 1, 1, 1), 255 - x, x),  # Solarize
+    1: lambda x, m: TF.autocontrast(x),
+    2: lambda x, m: TF.equalize(x),
+    3: lambda x, m: blend(x, torch.zeros((), device=x.device), m),  # Brightness, m = blend factor
+    4: lambda x, m: blend(x, grayscale(x), m),  # Color
+    5: lambda x, m: blend(x, mean_gray(x), m),  # Contrast
+    6: lambda x, m: blend(x, sharpen_degenerate(x), m),  # Sharpness
+    12: lambda x, m: x & (0xFF << (8 - m.int())).to(torch.uint8).view(-1, 1, 1, 1),  # Posterize: keep m bits
+    13: lambda x, m: torch.where(x >= m.view(-1, 1, 1, 1), 255 - x, x),  # Solarize: invert from threshold m on
 }
 GEOMETRIC_OPS = (7, 8, 9, 10, 11)  # Rotate, ShearX, ShearY, TranslateX, TranslateY; 0 is Identity
+
+def fixmatch_magnitudes(level, sign, H, W):
+    """[14, n]: each op's magnitude at FixMatch RA's level L in 1..9 (of 10) with a random sign (README: table)."""
+    L, s = level.float(), sign.float()
+    f, zero = enhance_factor(L), torch.zeros_like(L)
+    return torch.stack([zero, zero, zero, f, f, f, f, 3 * L * s, 0.03 * L * s, 0.03 * L * s, L * s * W / 32,
+                        L * s * H / 32, 4 - (0.4 * L).floor(), 256 - (25.6 * L).floor()])
+
+def usb_magnitudes(u, H, W):
+    """[14, n]: each op's magnitude in USB's and TorchSSL's RandAugment(3, 5), min + (max - min) u for u ~ U[0, 1):
+    factors [0.05, 0.95], Rotate [-30, 30] degrees, Shear [-0.3, 0.3], Translate [-0.3, 0.3] of the side,
+    Posterize int([4, 8]) bits, Solarize threshold [0, 256]."""
+    v, zero = 2 * u - 1, torch.zeros_like(u)
+    f = 0.05 + 0.9 * u
+    return torch.stack([zero, zero, zero, f, f, f, f, 30 * v, 0.3 * v, 0.3 * v, 0.3 * W * v, 0.3 * H * v,
+                        (4 + 4 * u).floor(), 256 * u])
 
 _FORCE_ACCELERATOR_PATHS = False  # tests set this to run the CPU through every path that CUDA/MPS take
 
@@ -424,20 +449,28 @@ def apply_to(x, chosen, op, *params):
         x[idx] = op(x[idx], *(p[idx] for p in params))
     return x
 
-def strong_augment(x: torch.Tensor, gen: torch.Generator, n_ops: int = 2) -> torch.Tensor:
-    """RandAugment (FixMatch RA) + Cutout on weakly augmented uint8 images. Each image draws n_ops ops
-    uniformly with replacement from 14 and applies each with probability 0.5 at a level uniform in 1..9."""
+def strong_augment(x: torch.Tensor, gen: torch.Generator, augment: str = "fixmatch", n_ops: int | None = None):
+    """RandAugment + Cutout on uint8 images, per image. Each image draws n_ops ops uniformly with replacement from 14.
+    fixmatch (FixMatch RA): 2 ops, each applied with probability 0.5 at a level uniform in 1..9, then a mid-gray
+    Cutout of half the side. usb (USB, TorchSSL): 3 ops, all applied, magnitudes uniform in each op's range, black
+    fill, then usb_cutout."""
     N, C, H, W = x.shape
-    dev, x = x.device, x.clone()
-    for _ in range(n_ops):
+    dev, x, fixmatch = x.device, x.clone(), augment == "fixmatch"
+    geometric = functools.partial(affine, fill=128 if fixmatch else 0)
+    for _ in range(n_ops or (2 if fixmatch else 3)):
         op = torch.randint(0, 14, (N,), device=dev, generator=gen)
-        op = torch.where(torch.rand(N, device=dev, generator=gen) < 0.5, op, 0)  # 0 = Identity
-        level = torch.randint(1, 10, (N,), device=dev, generator=gen)
-        sign = torch.randint(0, 2, (N,), device=dev, generator=gen) * 2 - 1
-        x = apply_to(x, (op >= 7) & (op <= 11), affine, level, sign, op)
+        if fixmatch:
+            op = torch.where(torch.rand(N, device=dev, generator=gen) < 0.5, op, 0)  # 0 = Identity
+            level = torch.randint(1, 10, (N,), device=dev, generator=gen)
+            sign = torch.randint(0, 2, (N,), device=dev, generator=gen) * 2 - 1
+            m = fixmatch_magnitudes(level, sign, H, W)
+        else:
+            m = usb_magnitudes(torch.rand(N, device=dev, generator=gen), H, W)
+        m = m.gather(0, op.view(1, N))[0]  # [N]: each image's magnitude for its op
+        x = apply_to(x, (op >= 7) & (op <= 11), geometric, m, op)
         for k, fn in COLOR_OPS.items():
-            x = apply_to(x, op == k, fn, level, sign)
-    return cutout(x, gen)
+            x = apply_to(x, op == k, fn, m)
+    return cutout(x, gen) if fixmatch else usb_cutout(x, gen)
 
 def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """A mid-gray square of half the image side around a uniform random centre, clipped at the border."""
@@ -448,6 +481,23 @@ def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     rows, cols = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
     hole = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # [N, H, W]
     return x.masked_fill(hole[:, None], 128)
+
+def usb_cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """USB's Cutout(v), v ~ U[0, 0.5]: a square of side s = v W with corner int(max(0, c - s / 2)) for a centre c
+    drawn by np.random.uniform(W), i.e. in (1, W] (low W, high 1), filled (125, 123, 114) (grayscale: their luma,
+    123) through the corner + s, both ends included as PIL's rectangle, clipped at the border."""
+    N, C, H, W = x.shape
+    dev = x.device
+    side, cx, cy = (torch.rand(N, 1, 1, device=dev, generator=gen) for _ in range(3))
+    side = 0.5 * W * side
+    left, top = ((n - (n - 1) * c - side / 2).clamp(min=0).floor() for n, c in ((W, cx), (H, cy)))
+    right, bottom = ((corner + side).clamp(max=n).floor() for corner, n in ((left, W), (top, H)))
+    rows, cols = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
+    hole = (side > 0) & (rows >= top) & (rows <= bottom) & (cols >= left) & (cols <= right)  # [N, H, W]
+    fill = torch.full((1, C, 1, 1), 123, dtype=torch.uint8, device=dev)  # built on the device: a list would sync
+    if C == 3:
+        fill[:, 0], fill[:, 2] = 125, 114
+    return torch.where(hole[:, None], fill, x)
 
 # ---------------------------------------------------------------------------------------------
 # Network: pre-activation WideResNet as in the FixMatch ports, or torchvision's ResNet; features() and fc kept apart.
@@ -613,21 +663,24 @@ def avg_clustering_step(f, y, weight, centres, seen, alpha):
 def layermatch_step(model, head, batch, normalize, gen, centres, seen, cfg, dtype=None):
     """Augment, one forward pass over [labeled weak, unlabeled weak, unlabeled strong], pseudo-label, Avg-Clustering,
     Grad-ReLU, loss. batch: this step's sampled uint8 images on the device (Batches): labeled x_l with labels y,
-    unlabeled u with their true labels y_u (-1: unknown) for diagnostics. Device work only: no host synchronisation.
+    unlabeled u with their true labels y_u (-1: unknown) for diagnostics, and crop: the training crop (H, W) where
+    the images are stored larger (ImageNet-100, as TorchSSL), else None. Device work only: no host synchronisation.
     model(x) -> (logits, features); head is its linear layer. Returns (loss, terms, centres, seen).
     Augmentation runs in fp32 on every device (inside autocast, a GPU would rotate and sharpen in bf16); the
     forward pass and the losses run under autocast in dtype (None: fp32).
     The centres are kept for every algorithm (fixmatch, supervised: for the nearest-centre diagnostic only)."""
     dev, alpha = centres.device, cfg.ac_momentum
     amp = torch.autocast(dev.type, dtype, enabled=dtype is not None)
-    x_l, y = weak_augment(batch["x_l"], gen, cfg.hflip), batch["y"]
+    weak = lambda x: weak_augment(x, gen, cfg.hflip, batch["crop"])
+    x_l, y = weak(batch["x_l"]), batch["y"]
     if cfg.algorithm == "supervised":
         with amp:
             z_l, f_l = model(normalize(x_l))
             loss, terms = layermatch_loss(z_l, y, None, None, None, None, centres, seen, 0, 0)
             return loss, terms, *avg_clustering_step(f_l, y, torch.ones_like(y), centres, seen, alpha)
     u, B, uB = batch["u"], len(y), len(batch["u"])
-    x_w, x_s = weak_augment(u, gen, cfg.hflip), strong_augment(weak_augment(u, gen, cfg.hflip), gen)  # own crop
+    x_w = weak(u)  # the strong view draws its own crop; images stored larger than it are RandAugmented first (TorchSSL)
+    x_s = weak(strong_augment(u, gen, cfg.augment)) if batch["crop"] else strong_augment(weak(u), gen, cfg.augment)
     with amp:
         z, f = model(normalize(torch.cat([x_l, x_w, x_s])))  # one pass: BatchNorm sees [labeled, weak, strong]
         z_l, z_w, z_s = z.split([B, uB, uB])
@@ -644,19 +697,21 @@ def layermatch_step(model, head, batch, normalize, gen, centres, seen, cfg, dtyp
 # ---------------------------------------------------------------------------------------------
 # Your own images and pretrained weights: reading them in, every mistake one line
 
-def read_image(path: str, size: int) -> bytes:
+def read_image(path: str, size: int, squash: bool = False) -> bytes:
     """An image file -> its RGB pixels [3, size, size] as bytes: the shorter side resized to size (bilinear, PIL's
-    antialiasing), then the centre size x size crop, so no image is squashed. PIL only: safe in a forked process."""
+    antialiasing), then the centre size x size crop, so no image is squashed; or, squash, resized to size x size (as
+    TorchSSL's ImageNet). PIL only: safe in a forked process."""
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return b"".join(band.tobytes() for band in TF.center_crop(TF.resize(im.convert("RGB"), size), size).split())
+            im = TF.center_crop(TF.resize(im.convert("RGB"), [size, size] if squash else size), size)
+            return b"".join(band.tobytes() for band in im.split())
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, truncated, a decompression bomb
         raise UserError(f"cannot read image '{path}' ({type(e).__name__}: {e})") from None
 
-def write_images(file: str, start: int, paths: list, size: int) -> int:
+def write_images(file: str, start: int, paths: list, size: int, squash: bool) -> int:
     """Decode images into the uint8 file [N, 3, size, size] from image number start on (a decoding process's task)."""
-    pixels = b"".join(read_image(p, size) for p in paths)
+    pixels = b"".join(read_image(p, size, squash) for p in paths)
     with open(file, "r+b") as fh:
         fh.seek(start * 3 * size * size)
         fh.write(pixels)
@@ -664,13 +719,14 @@ def write_images(file: str, start: int, paths: list, size: int) -> int:
 
 CHUNK = 32  # images per task of a decoding process, at most
 
-def decode_into(file: str, paths: list, size: int):
+def decode_into(file: str, paths: list, size: int, squash: bool = False):
     """Decode image files into file (uint8 [N, 3, size, size], already of that length) by one process per core, each
     writing its images straight into it: threads would hold Python's lock for most of a small image's time."""
     cores = os.cpu_count() or 1
     chunk = max(1, min(CHUNK, len(paths) // (4 * cores)))  # a few tasks per process at least, to balance the load
     starts = range(0, len(paths), chunk)
-    tasks = [[file] * len(starts), starts, [paths[i:i + chunk] for i in starts], [size] * len(starts)]
+    tasks = [[file] * len(starts), starts, [paths[i:i + chunk] for i in starts], [size] * len(starts),
+             [squash] * len(starts)]
     workers = min(cores, len(starts))
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool, \
             tqdm(total=len(paths), desc="decoding", unit="img", disable=len(paths) < 1000, leave=False) as bar:
@@ -708,14 +764,15 @@ def cache_lock(path: str):
             fcntl.flock(fh, fcntl.LOCK_EX)
         yield
 
-def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, n_stats: int) -> tuple:
+def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, n_stats: int, squash=False) -> tuple:
     """(images [N, 3, size, size] memory-mapped from cache_dir, metadata: all grayscale?, the per-channel mean and std
     of the first n_stats), decoded once for any number of processes: the first decodes, under a lock, the others wait
     and map its file. Keyed by the file names relative to root, their sizes and modification times, and size; a file
     of the wrong size (cut off) is rebuilt, an unfinished one is never read (write_cache)."""
     listing = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
-    key = hashlib.sha256(json.dumps([size, n_stats, listing]).encode()).hexdigest()[:16]
-    name = f"{os.path.basename(root)}-{hashlib.sha256(root.encode()).hexdigest()[:8]}-{part}-{size}px-"
+    key = hashlib.sha256(json.dumps([size, squash, n_stats, listing]).encode()).hexdigest()[:16]
+    name = f"{os.path.basename(root)}-{hashlib.sha256(root.encode()).hexdigest()[:8]}-{part}-{size}px" \
+           f"{'-squashed' if squash else ''}-"
     prefix, shape = os.path.join(cache_dir, name), (len(paths), 3, size, size)
 
     def finished():
@@ -727,10 +784,10 @@ def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, 
     meta = finished()
     if meta is None:
         with cache_lock(f"{prefix}lock"):
-            meta = finished() or write_cache(paths, size, prefix, key, shape, n_stats)
+            meta = finished() or write_cache(paths, size, prefix, key, shape, n_stats, squash)
     return torch.from_file(f"{prefix}{key}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
 
-def write_cache(paths, size, prefix, key, shape, n_stats) -> dict:
+def write_cache(paths, size, prefix, key, shape, n_stats, squash) -> dict:
     """Decode into prefix+key.u8.tmp, flush it, rename it and write its .json, whose presence marks it complete.
     Runs under the cache's lock, so the prefix's other files are stale (another version of the folder, the unfinished
     write of a process that died): they go first."""
@@ -741,7 +798,7 @@ def write_cache(paths, size, prefix, key, shape, n_stats) -> dict:
                 os.remove(old)
         with open(tmp, "wb") as fh:
             fh.truncate(math.prod(shape))
-        decode_into(tmp, paths, size)
+        decode_into(tmp, paths, size, squash)
         x = torch.from_file(tmp, size=math.prod(shape), dtype=torch.uint8).view(shape)
         gray = all(torch.equal(c[:, 0], c[:, 1]) and torch.equal(c[:, 0], c[:, 2]) for c in x.split(256))
         mean, std = channel_mean_std(x[:n_stats]) if n_stats else (torch.zeros(3), torch.zeros(3))
@@ -761,12 +818,13 @@ def write_cache(paths, size, prefix, key, shape, n_stats) -> dict:
           f"({math.prod(shape) / 1e9:.3g} GB); later runs map it", file=sys.stderr)
     return meta
 
-def load_folder(root: str, size: int, cache_dir: str, only: list | None = None) -> dict:
+def load_folder(root: str, size: int, cache_dir: str, only: list | None = None, squash: bool = False) -> dict:
     """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or root/val/, as
     ImageNet's, also where test/ holds no class folders) with the same class names, and optionally root/unlabeled/
     with images in any sub-folders. 1 channel if every image is grayscale (R = G = B), else RGB. With `only`, those
     classes of many (ImageNet-100's). The images come from caches in cache_dir (cached_images), train and unlabeled
-    images in one, so that the unlabeled pool [train, unlabeled] is a view of it."""
+    images in one, so that the unlabeled pool [train, unlabeled] is a view of it. squash: as TorchSSL's ImageNet,
+    training images resized to int(size / 0.875) squared (256 for 224) for random crops of size, test images to size."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
     root = os.path.realpath(root)  # any spelling of a folder finds its cache
@@ -799,8 +857,9 @@ def load_folder(root: str, size: int, cache_dir: str, only: list | None = None) 
     if os.path.isdir(os.path.join(root, "unlabeled")) and not extra:
         raise UserError(f"--dataset folder: no images in '{os.path.join(root, 'unlabeled')}'")
     cache_dir, n = cache_dir or default_cache_dir(), len(train)
-    x, meta = cached_images("train", [p for p, _ in train] + extra, root, size, cache_dir, n)
-    t, test_meta = cached_images("test", [p for p, _ in test], root, size, cache_dir, 0)
+    x, meta = cached_images("train", [p for p, _ in train] + extra, root, int(size / 0.875) if squash else size,
+                            cache_dir, n, squash)
+    t, test_meta = cached_images("test", [p for p, _ in test], root, size, cache_dir, 0, squash)
     c = 1 if meta["gray"] and test_meta["gray"] else 3  # 1: every image has R = G = B
     label = lambda samples: torch.tensor([k for _, k in samples])
     return dict(train_x=x[:n, :c], train_y=label(train), test_x=t[:, :c], test_y=label(test),
@@ -909,11 +968,12 @@ def to_device(data: dict, labeled: torch.Tensor, cfg: Config, device, fmt, on_ho
         data.get("mean_std") or channel_mean_std(train_x)  # a folder's are stored with its cache
     # pretrained: as its weights were trained, and grayscale images become three equal channels by broadcasting
     mean, std = (v.float().view(1, -1, 1, 1).to(device) for v in (mean, std))
-    names = list(data.get("classes") or map(str, range(num_classes)))
-    return dict(x=x_u[:len(y)], y=y, x_u=x_u, y_u=torch.cat([y, y.new_full((len(x_u) - len(y),), -1)]),
+    names, shape = list(data.get("classes") or map(str, range(num_classes))), tuple(data["test_x"].shape[1:])
+    crop = shape[1:] if shape != train_x.shape[1:] else None  # training images stored larger: random crops of this
+    return dict(x=x_u[:len(y)], y=y, x_u=x_u, crop=crop, y_u=torch.cat([y, y.new_full((len(x_u) - len(y),), -1)]),
                 labeled=labeled, on_host=on_host, test_x=data["test_x"].to(where), test_y=data["test_y"].to(device),
                 num_classes=num_classes, normalize=lambda x: ((x.float() - mean) / std).contiguous(memory_format=fmt),
-                inputs=dict(mean=mean.cpu(), std=std.cpu(), shape=tuple(train_x.shape[1:]), classes=names))
+                inputs=dict(mean=mean.cpu(), std=std.cpu(), shape=shape, classes=names))
 
 SAMPLER_SEED = 0x5A3D1E5F  # mixed into the sampler's seed: its stream must not repeat the augmentation's
 
@@ -945,7 +1005,7 @@ class Batches:
         if not D["on_host"]:
             i_l, i_u = self.to_device(i_l), self.to_device(i_u)
         return dict(x_l=self.gather(D["x"], i_l), y=self.gather(D["y"], i_l), u=self.gather(D["x_u"], i_u),
-                    y_u=self.gather(D["y_u"], i_u))
+                    y_u=self.gather(D["y_u"], i_u), crop=D["crop"])
 
     def take(self) -> dict:
         """This step's batch: the one prefetched during the previous step, or drawn now."""

@@ -216,36 +216,78 @@ def test_strong_augment_shape_range_per_image_and_seeded():
     assert all((out[i] == 128).all(0).sum() >= 64 for i in range(len(x)))  # each has a Cutout hole
 
 
-def test_strong_augment_draws_two_ops_at_p_half_with_uniform_levels(monkeypatch):
-    """FixMatch RA: per image and slot, an op uniform over 14 (Identity included), applied with p = 0.5 at a
-    level uniform in 1..9 with a random sign. Read off the calls that strong_augment makes."""
+def fixmatch_m(op, level, sign=None, side=32):
+    """The magnitude that FixMatch RA gives op at these levels (and signs), in the op's own unit."""
+    return lm.fixmatch_magnitudes(level, torch.ones_like(level) if sign is None else sign, side, side)[op]
+
+
+def drawn_ops(monkeypatch, x, augment):
+    """What strong_augment applied, read off its apply_to calls: per slot, each image's op (0: Identity) and the
+    magnitude it was applied with."""
     calls, real = [], lm.apply_to
 
-    def spy(x, chosen, op, *params):
-        calls.append((chosen.clone(), op, [p.clone() for p in params]))
-        return real(x, chosen, op, *params)
+    def spy(x, chosen, fn, m, *op):
+        calls.append((chosen.clone(), fn, m.clone(), *op))
+        return real(x, chosen, fn, m, *op)
     monkeypatch.setattr(lm, "apply_to", spy)
+    lm.strong_augment(x, torch.Generator().manual_seed(0), augment)
+    per_slot, slots = 1 + len(lm.COLOR_OPS), []  # one batched geometric call + one per colour op
+    assert len(calls) % per_slot == 0
+    for k in range(0, len(calls), per_slot):
+        ops, mags = torch.zeros(len(x), dtype=torch.long), torch.zeros(len(x))
+        for chosen, fn, m, *op in calls[k:k + per_slot]:
+            assert (ops[chosen] == 0).all()  # at most one op per image and slot
+            kind = op[0] if op else [key for key, f in lm.COLOR_OPS.items() if f is fn][0]
+            ops, mags = torch.where(chosen, kind, ops), torch.where(chosen, m, mags)
+        slots.append((ops, mags))
+    return slots
+
+
+def near(count, n, p):  # a binomial count within 5 standard deviations of its mean
+    return abs(count - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+
+
+def test_strong_augment_draws_two_ops_at_p_half_with_uniform_levels(monkeypatch):
+    """FixMatch RA: per image and slot, an op uniform over 14 (Identity included), applied with p = 0.5 at a
+    level uniform in 1..9 with a random sign, read back from the magnitudes applied."""
     N = 7000
-    lm.strong_augment(images(N, size=8), torch.Generator().manual_seed(0))
-    per_slot = 1 + len(lm.COLOR_OPS)  # one batched geometric call + one per colour op
-    assert len(calls) == 2 * per_slot
-    for slot in range(2):
-        counts, applied, levels, signs = {}, torch.zeros(N, dtype=torch.long), [], []
-        for chosen, fn, params in calls[slot * per_slot:(slot + 1) * per_slot]:
-            applied += chosen.long()
-            levels.append(params[0][chosen])
-            signs.append(params[1][chosen])
-            if fn is lm.affine:
-                counts |= {k: int((chosen & (params[2] == k)).sum()) for k in lm.GEOMETRIC_OPS}
-            else:
-                counts[[k for k, f in lm.COLOR_OPS.items() if f is fn][0]] = int(chosen.sum())
-        assert applied.max() == 1  # at most one op per image and slot
-        expected, sd = N * 0.5 / 14, (N * 0.5 / 14) ** 0.5
-        assert sorted(counts) == list(range(1, 14)) and all(abs(c - expected) < 5 * sd for c in counts.values()), counts
-        levels, signs = torch.cat(levels), torch.cat(signs)
+    slots = drawn_ops(monkeypatch, images(N, size=8), "fixmatch")
+    assert len(slots) == 2
+    for ops, m in slots:
+        counts = torch.bincount(ops, minlength=14)
+        assert near(counts[0], N, 0.5 + 0.5 / 14) and all(near(c, N, 0.5 / 14) for c in counts[1:]), counts
+        unit = {3: None, 4: None, 5: None, 6: None, 7: 3, 8: 0.03, 9: 0.03, 10: 8 / 32, 11: 8 / 32}  # per level
+        levels = torch.cat([((50 * m[ops == k] - 5) / 9) if u is None else m[ops == k].abs() / u
+                            for k, u in unit.items()]).round().long()
+        signs = torch.cat([m[ops == k].sign() for k in lm.GEOMETRIC_OPS])
         histogram = torch.bincount(levels, minlength=10)
-        assert histogram[0] == 0 and all(abs(h - len(levels) / 9) < 5 * (len(levels) / 9) ** 0.5 for h in histogram[1:])
-        assert set(signs.tolist()) == {-1, 1} and abs(signs.float().mean()) < 0.05
+        assert histogram[0] == 0 and len(histogram) == 10 and all(near(h, len(levels), 1 / 9) for h in histogram[1:])
+        assert set(signs.tolist()) == {-1, 1} and near((signs > 0).sum(), len(signs), 0.5)
+
+
+def uniform_in(values, low, high):
+    """values lie in [low, high], and a quarter, half and three quarters of them below those points of the range."""
+    n = len(values)
+    return low <= values.min() and values.max() <= high and all(
+        near((values < low + q * (high - low)).sum(), n, q) for q in (0.25, 0.5, 0.75))
+
+
+def test_usb_strong_augment_applies_three_ops_with_uniform_magnitudes(monkeypatch):
+    """USB's RandAugment(3, 5): 3 ops per image drawn with replacement from 14 (Identity included), every one
+    applied, each at a magnitude uniform in its range."""
+    N, side = 7000, 10
+    slots = drawn_ops(monkeypatch, images(N, size=side), "usb")
+    assert len(slots) == 3
+    for ops, m in slots:
+        assert all(near(c, N, 1 / 14) for c in torch.bincount(ops, minlength=14)), torch.bincount(ops)
+        pick = lambda *ks: m[sum(ops == k for k in ks).bool()]
+        assert uniform_in(pick(3, 4, 5, 6), 0.05, 0.95) and uniform_in(pick(7), -30, 30)
+        assert uniform_in(pick(8, 9), -0.3, 0.3) and uniform_in(pick(10, 11), -0.3 * side, 0.3 * side)
+        assert uniform_in(pick(13), 0, 256)
+        bits = torch.bincount(pick(12).long(), minlength=8)
+        assert bits[:4].sum() == 0 and len(bits) == 8 and all(near(b, bits.sum(), 1 / 4) for b in bits[4:])
+    same = (slots[0][0] == slots[1][0]).sum()  # with replacement: the same op twice as often as chance says
+    assert near(same, N, 1 / 14)
 
 
 def pil_geometric(im, op, v, side):
@@ -280,7 +322,7 @@ def test_shears_match_pil_about_the_top_left_corner(side):
     x = photo_tiles(12, side)
     level, sign = torch.tensor([1, 5, 9]).repeat_interleave(2).repeat(2), torch.tensor([1, -1]).repeat(6)
     for op in (8, 9):
-        ours = lm.affine(x, level, sign, torch.full((12,), op))
+        ours = lm.affine(x, fixmatch_m(op, level, sign, side), torch.full((12,), op))
         ref = from_pil([pil_geometric(im, op, int(L * s), side) for im, L, s in zip(pil_images(x), level, sign)])
         differs = (ours != ref).any(1).float().mean((1, 2))  # per image, share of pixels that differ
         assert differs.max() < 0.01, (op, differs)
@@ -292,7 +334,7 @@ def test_geometric_ops_match_pil(op):
     border (where the two may round a sample point that falls exactly between pixels differently)."""
     x = images(18)
     level, sign = torch.arange(18) % 9 + 1, torch.tensor([1, -1]).repeat(9)
-    ours = lm.affine(x, level, sign, torch.full((18,), op))
+    ours = lm.affine(x, fixmatch_m(op, level, sign), torch.full((18,), op))
     ref = from_pil([pil_geometric(im, op, int(L * s), 32) for im, L, s in zip(pil_images(x), level, sign)])
     inner = (ours == ref)[:, :, 1:-1, 1:-1].all(1).float()
     assert inner.mean() > 0.98, inner.mean()
@@ -316,7 +358,8 @@ def test_every_op_is_per_image(op):
     level, sign = torch.randint(1, 10, (16,)), torch.randint(0, 2, (16,)) * 2 - 1
     chosen = torch.rand(16, generator=torch.Generator().manual_seed(op)) < 0.5
     fn = lm.affine if op in lm.GEOMETRIC_OPS else lm.COLOR_OPS[op]
-    args = (level, sign, torch.full((16,), op)) if op in lm.GEOMETRIC_OPS else (level, sign)
+    m = fixmatch_m(op, level, sign)
+    args = (m, torch.full((16,), op)) if op in lm.GEOMETRIC_OPS else (m,)
     subset = lm.apply_to(x.clone(), chosen, fn, *args)
     whole = torch.where(chosen.view(-1, 1, 1, 1), fn(x, *args), x)
     assert torch.equal(subset, whole)
@@ -369,7 +412,7 @@ def test_color_ops_match_pil(op, pil):
     """Our batched ops reproduce PIL (what FixMatch's RandAugment uses) to within 1 grey level."""
     x = (images(12) // 2 + 40)  # not the full range, so that autocontrast and equalize have work to do
     level = torch.arange(12) % 9 + 1
-    ours = lm.COLOR_OPS[op](x, level, torch.ones(12))
+    ours = lm.COLOR_OPS[op](x, fixmatch_m(op, level))
     ref = from_pil([pil(im, int(L)) for im, L in zip(pil_images(x), level)])
     assert (ours.int() - ref.int()).abs().max() <= 1
 
@@ -383,7 +426,7 @@ def test_enhance_ops_truncate_like_pil_on_photographs(op, enhance):
     x, level = photo_tiles(12, 32), torch.tensor([1, 5, 9]).repeat(4)
     levels = torch.arange(1, 10)  # the factor is the float32 value of the references' double, to the last bit
     assert torch.equal(lm.enhance_factor(levels), torch.tensor([0.1 + 1.8 * L / 10 for L in levels.tolist()]))
-    ours = lm.COLOR_OPS[op](x, level, torch.ones(12))
+    ours = lm.COLOR_OPS[op](x, fixmatch_m(op, level))
     ref = from_pil([enhance(im).enhance(0.1 + 1.8 * int(L) / 10) for im, L in zip(pil_images(x), level)])
     diff = (ours.int() - ref.int()).abs()
     assert diff.max() <= 1 and diff.bool().float().mean() < 0.01, (diff.max(), diff.bool().float().mean())
@@ -788,7 +831,7 @@ def real_step(grad_relu, tmp_path, monkeypatch):
     assert torch.equal(f_c, f[:24]) and torch.equal(y_c, torch.cat([y, y_hat]))
     assert torch.equal(weight, torch.cat([torch.ones(8), agree])) and 0 < agree.sum() < 16
     assert torch.equal(centres_c, centres) and alpha == cfg.ac_momentum
-    (x_l, _, _, _), (u, _, _, weak), (u_again, _, _, own_weak) = calls["weak_augment"]  # labeled, weak, strong's own
+    (x_l, *_), (u, *_, weak), (u_again, *_, own_weak) = calls["weak_augment"]  # labeled, weak, strong's own
     assert torch.equal(x_l, batch["x_l"]) and torch.equal(u, batch["u"]) and torch.equal(u_again, batch["u"])
     assert torch.equal(calls["strong_augment"][0][0], own_weak)
     assert not torch.equal(own_weak, weak)  # the strong view draws its own flip and crop
@@ -1618,15 +1661,16 @@ def test_grayscale_images_start_from_rgb_weights_as_three_equal_channels(tmp_pat
 @pytest.mark.parametrize("h,w", [(lm.MIN_SIDE, lm.MIN_SIDE), (lm.MIN_SIDE, 11)])
 def test_every_augmentation_op_runs_at_the_smallest_images_the_input_check_accepts(monkeypatch, c, h, w):
     x = torch.randint(0, 256, (6, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    level, sign = torch.tensor([1, 5, 9, 1, 5, 9]), torch.tensor([1, -1, 1, -1, 1, -1])
-    for k, fn in lm.COLOR_OPS.items():
-        assert fn(x, level, sign).shape == x.shape, k
-    for k in lm.GEOMETRIC_OPS:
-        assert lm.affine(x, level, sign, torch.full((6,), k)).shape == x.shape, k
-    for forced in (False, True):
+    level, sign, u = torch.tensor([1, 5, 9, 1, 5, 9]), torch.tensor([1, -1, 1, -1, 1, -1]), torch.rand(6)
+    for m in (lm.fixmatch_magnitudes(level, sign, h, w), lm.usb_magnitudes(u, h, w)):
+        for k, fn in lm.COLOR_OPS.items():
+            assert fn(x, m[k]).shape == x.shape, k
+        for k in lm.GEOMETRIC_OPS:
+            assert lm.affine(x, m[k], torch.full((6,), k)).shape == x.shape, k
+    for forced, augment in ((False, "fixmatch"), (True, "fixmatch"), (False, "usb"), (True, "usb")):
         monkeypatch.setattr(lm, "_FORCE_ACCELERATOR_PATHS", forced)
         g = torch.Generator().manual_seed(0)
-        assert lm.strong_augment(lm.weak_augment(x, g, True), g, n_ops=14).shape == x.shape
+        assert lm.strong_augment(lm.weak_augment(x, g, True), g, augment, n_ops=14).shape == x.shape
     lm.check_data(dict(synthetic(), train_x=x, train_y=torch.arange(6) % 2, test_x=x, test_y=torch.arange(6) % 2))
 
 
