@@ -347,6 +347,13 @@ def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool, crop: tuple
     pixel = (rows[:, :, None] * W + cols[:, None, :]).view(N, 1, h * w).expand(N, C, h * w)
     return x.flatten(2).gather(2, pixel).view(N, C, h, w)
 
+def autocontrast(x):
+    """PIL's autocontrast: each channel stretched from its [lo, hi] to [0, 255], truncated, a constant one unchanged;
+    in integers (PIL's double arithmetic gives one level less where the product is an exact integer, rarely)."""
+    lo, hi = (v.int() for v in (x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)))
+    stretched = (x.int() - lo) * 255 // (hi - lo).clamp(min=1)
+    return torch.where(hi > lo, stretched, x.int()).to(torch.uint8)
+
 def blend(x, degenerate, factor):
     """PIL's ImageEnhance: degenerate + factor * (x - degenerate) in float32 with a per-image factor, then
     truncated to uint8 as PIL's blend does (rounding would brighten every image by ~0.4 grey levels)."""
@@ -406,7 +413,7 @@ def affine(x, m, op, fill=128):
 
 # The 14 RandAugment ops of FixMatch's "RA" variant and of USB; (x uint8 [n,C,H,W], magnitude m [n] in the op's unit).
 COLOR_OPS = {
-    1: lambda x, m: TF.autocontrast(x),
+    1: lambda x, m: autocontrast(x),
     2: lambda x, m: TF.equalize(x),
     3: lambda x, m: blend(x, torch.zeros((), device=x.device), m),  # Brightness, m = blend factor
     4: lambda x, m: blend(x, grayscale(x), m),  # Color

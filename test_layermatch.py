@@ -391,6 +391,87 @@ def test_accelerator_branch_of_strong_augment_equals_the_cpu_branch(monkeypatch)
     assert torch.equal(cpu, accelerator)
 
 
+USB_PIL = {  # USB's randaugment.py ops on PIL images at magnitude v, written out as its functions do
+    1: lambda im, v: ImageOps.autocontrast(im), 2: lambda im, v: ImageOps.equalize(im),
+    3: lambda im, v: ImageEnhance.Brightness(im).enhance(v), 4: lambda im, v: ImageEnhance.Color(im).enhance(v),
+    5: lambda im, v: ImageEnhance.Contrast(im).enhance(v), 6: lambda im, v: ImageEnhance.Sharpness(im).enhance(v),
+    7: lambda im, v: im.rotate(v),
+    8: lambda im, v: im.transform(im.size, Image.AFFINE, (1, v, 0, 0, 1, 0)),
+    9: lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, v, 1, 0)),
+    10: lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, v * im.size[0], 0, 1, 0)),
+    11: lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, 0, 1, v * im.size[1])),
+    12: lambda im, v: ImageOps.posterize(im, int(v)), 13: lambda im, v: ImageOps.solarize(im, v),
+}
+USB_FORCED = {**dict.fromkeys((1, 2, 3, 4, 5, 6), [0.05, 0.31, 0.77, 0.95]), 7: [-29.3, -7.1, 12.6, 30.0],
+              **dict.fromkeys((8, 9), [-0.3, -0.11, 0.07, 0.29]), **dict.fromkeys((10, 11), [-0.3, -0.13, 0.08, 0.27]),
+              12: [4.0, 5.0, 6.0, 7.0], 13: [0.0, 37.5, 128.2, 256.0]}
+
+
+@pytest.mark.parametrize("side", [32, 96])
+@pytest.mark.parametrize("op", sorted(USB_PIL))
+def test_usb_ops_match_usbs_pil_formulas_on_photographs(op, side):
+    """Every op of --augment usb at forced magnitudes against USB's PIL code on photograph tiles: the geometric ops
+    (black fill) equal but for sampling ties, the colour ops within one grey level in under 1% of the values."""
+    x = photo_tiles(8, side)
+    v = torch.tensor(USB_FORCED[op], dtype=torch.float32).repeat(2)
+    m = v * side if op in (10, 11) else v  # our translation is in pixels, USB's a share of the side
+    ours = lm.affine(x, m, torch.full((8,), op), fill=0) if op in lm.GEOMETRIC_OPS else lm.COLOR_OPS[op](x, m)
+    ref = from_pil([USB_PIL[op](im, float(value)) for im, value in zip(pil_images(x), v)])
+    if op in lm.GEOMETRIC_OPS:
+        assert (ours != ref).any(1).float().mean((1, 2)).max() < 0.01
+    else:
+        diff = (ours.int() - ref.int()).abs()
+        assert diff.max() <= 1 and diff.bool().float().mean() < 0.01, (diff.max(), diff.bool().float().mean())
+
+
+def test_usb_cutout_is_cutoutabs():
+    """Side v W with v ~ U[0, 0.5], the corner from numpy's uniform(W) (which draws in (1, W]), PIL's inclusive
+    rectangle clipped at the border, colour (125, 123, 114): our draws replayed through USB's CutoutAbs."""
+    from PIL import ImageDraw
+    N, side = 400, 32
+    x = photo_tiles(N, side)
+    ours = lm.usb_cutout(x, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same draws, in the same order
+    v, ux, uy = (torch.rand(N, 1, 1, generator=g).flatten().double() for _ in range(3))
+    ref = []
+    for im, vi, ui, wi in zip(pil_images(x), v.tolist(), ux.tolist(), uy.tolist()):
+        s, (w, h) = vi * 0.5 * side, im.size
+        x0, y0 = w + (1 - w) * ui, h + (1 - h) * wi  # np.random.uniform(w): low = w, high = 1
+        x0, y0 = int(max(0, x0 - s / 2.0)), int(max(0, y0 - s / 2.0))
+        im = im.copy()
+        ImageDraw.Draw(im).rectangle((x0, y0, min(w, x0 + s), min(h, y0 + s)), (125, 123, 114))
+        ref.append(im)
+    assert torch.equal(ours, from_pil(ref))
+    hole = (ours != x).any(1)
+    assert hole.any((1, 2)).float().mean() > 0.9  # a hole in (almost) every image
+
+
+def test_usb_strong_augment_on_black_images_leaves_only_the_cutout_patch(monkeypatch):
+    x = torch.zeros(256, 3, 16, 16, dtype=torch.uint8)
+    for forced in (False, True):
+        monkeypatch.setattr(lm, "_FORCE_ACCELERATOR_PATHS", forced)
+        out = lm.strong_augment(x, torch.Generator().manual_seed(0), "usb")
+        patch = (out != 0).any(1)  # every geometric op fills black, every colour op keeps black black
+        assert (out.permute(0, 2, 3, 1)[patch] == torch.tensor([125, 123, 114], dtype=torch.uint8)).all()
+        assert patch.any((1, 2)).float().mean() > 0.9
+
+
+def test_weak_crops_of_larger_images_are_torchssls_random_crops():
+    """Images stored larger than the crop (ImageNet-100: 256 for 224): RandomCrop(crop, padding=4, reflect) of the
+    flipped or unflipped image, every position in the padded image equally likely."""
+    N = 20000
+    x = (torch.arange(12).view(1, 12) * 16 + torch.arange(12).view(12, 1)).to(torch.uint8).expand(N, 3, 12, 12)
+    out = lm.weak_augment(x.contiguous(), torch.Generator().manual_seed(0), True, (8, 8))
+    padded = F.pad(x[:1].float(), (4, 4, 4, 4), mode="reflect")[0].to(torch.uint8)  # [3, 20, 20]
+    crops = lambda p: p.unfold(1, 8, 1).unfold(2, 8, 1).permute(1, 2, 0, 3, 4).reshape(-1, 3, 8, 8)  # 13 x 13 places
+    places = {}  # crop -> how many of the 2 x 169 (flip, position) give it (mirrored borders repeat some)
+    for c in torch.cat([crops(padded), crops(padded.flip(-1))]):
+        places[c.numpy().tobytes()] = places.get(c.numpy().tobytes(), 0) + 1
+    drawn = [o.numpy().tobytes() for o in out]
+    assert all(d in places for d in drawn)  # each is one of them
+    assert all(near(drawn.count(c), N, k / 338) for c, k in places.items())  # every place as likely
+
+
 def pil_images(x):
     return [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]
 
@@ -736,6 +817,7 @@ BAD_INPUT = [
     (("--algorithm", "supervised", "--grad-relu", "zero"), "--grad-relu would be ignored"),
     (("--stages", 5), "invalid choice"),
     (("--arch", "vit"), "invalid choice"),
+    (("--augment", "autoaugment"), "--augment: invalid choice: 'autoaugment' (choose from "),  # both listed
     (("--pretrained", "imagenet"), "--pretrained needs --arch resnet18 or resnet50"),
     (("--out", "/proc/no-such-place"), "cannot write"),
     (("--image-size", 2), "--image-size must be at least 3"),
@@ -1380,23 +1462,40 @@ def test_folder_images_keep_their_aspect_ratio_and_val_stands_for_test(tmp_path)
     assert torch.equal(lm.load_folder(str(root), 8, "")["test_x"], d["test_x"])
 
 
-def test_imagenet100_is_the_100_listed_classes_of_an_imagenet_folder(tmp_path):
-    """ImageNet's layout (train/<wnid>/, val/<wnid>/) restricted to CMC's 100 classes, TorchSSL's ImageNet recipe."""
+def test_imagenet100_is_the_100_listed_classes_of_an_imagenet_folder_fed_as_torchssl(tmp_path):
+    """ImageNet's layout (train/<wnid>/, val/<wnid>/) restricted to CMC's 100 classes, TorchSSL's ImageNet recipe:
+    training images squashed to int(S / 0.875) (256 for 224) for random S crops, test images squashed to S, ImageNet's
+    mean and std, USB's RandAugment; and a run trains."""
     assert len(set(lm.IMAGENET100)) == 100 and all(re.fullmatch(r"n\d{8}", w) for w in lm.IMAGENET100)
-    root = tmp_path / "imagenet"
+    root, rng = tmp_path / "imagenet", np.random.default_rng(0)
     for split in ("train", "val"):
-        for k, wnid in enumerate(sorted(lm.IMAGENET100) + ["n99999999"]):  # and one of the other 900 classes
-            write_png(root / split / wnid / f"{split}.png", k, size=(6, 4))
-    cfg = lm.resolve(lm.Config(dataset="imagenet100", data_dir=str(root), labels=100, image_size=4), False)
-    assert (cfg.arch, cfg.batch_size, cfg.uratio, cfg.threshold, cfg.lr, cfg.weight_decay, cfg.ema, cfg.steps) == \
-        ("resnet50", 32, 7, 0.95, 0.03, 3e-4, 0.999, 2**20)
-    assert lm.resolve(lm.Config(dataset="imagenet100"), False).image_size == 224
+        for wnid in sorted(lm.IMAGENET100) + ["n99999999"]:  # and one of the other 900 classes
+            os.makedirs(root / split / wnid)
+            Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)).save(root / split / wnid / "0.png")
+    cfg = lm.resolve(lm.Config(dataset="imagenet100", data_dir=str(root), labels=100, image_size=7), False)
+    assert (cfg.arch, cfg.batch_size, cfg.uratio, cfg.threshold, cfg.lr, cfg.weight_decay, cfg.ema, cfg.steps,
+            cfg.augment) == ("resnet50", 32, 7, 0.95, 0.03, 3e-4, 0.999, 2**20, "usb")
+    assert lm.resolve(lm.Config(dataset="imagenet100"), False).image_size == 224 and int(224 / 0.875) == 256
     d = lm.load_data(cfg)
-    assert d["classes"] == sorted(lm.IMAGENET100) and d["train_x"].shape == d["test_x"].shape == (100, 1, 4, 4)
-    assert d["train_y"].tolist() == list(range(100)) and d["train_x"][:, 0, 0, 0].tolist() == list(range(100))
+    squashed = lambda split, S: torch.stack([torch.from_numpy(np.array(Image.open(root / split / w / "0.png").resize(
+        (S, S), Image.BILINEAR))).permute(2, 0, 1) for w in sorted(lm.IMAGENET100)])
+    assert d["classes"] == sorted(lm.IMAGENET100) and d["train_y"].tolist() == d["test_y"].tolist() == list(range(100))
+    assert torch.equal(d["train_x"], squashed("train", 8)) and torch.equal(d["test_x"], squashed("val", 7))
+    assert torch.equal(torch.stack(d["mean_std"]), 255 * torch.tensor(lm.IMAGENET_MEAN_STD, dtype=torch.float64))
+    summary = lm.train(dataclasses.replace(cfg, batch_size=4, uratio=1, steps=1, eval_every=1, out=str(tmp_path / "r")))
+    assert summary["finished"] and lm.load(str(tmp_path / "r")).shape == (3, 7, 7)  # the model takes the crop
     shutil.rmtree(root / "val" / lm.IMAGENET100[7])
     with pytest.raises(lm.UserError, match=f"lacks 1 of the 100 classes, e.g. '{lm.IMAGENET100[7]}'"):
         lm.load_data(cfg)
+
+
+def test_usb_augmentation_trains_digits_end_to_end(tmp_path, monkeypatch):
+    recipes, real = [], lm.strong_augment
+    monkeypatch.setattr(lm, "strong_augment", lambda x, gen, augment: recipes.append(augment) or real(x, gen, augment))
+    lm.main([*map(str, TINY), "--augment", "usb", "--threshold", "0.3", "--steps", "4", "--eval-every", "2",
+             "--out", str(tmp_path / "r")])
+    assert recipes == ["usb"] * 4 and json.load(open(tmp_path / "r" / "config.json"))["augment"] == "usb"
+    assert weights(tmp_path / "r")["history"][-1]["L_u"] > 0
 
 
 def test_folder_dataset_from_the_shell_then_evaluate_and_predict(tmp_path):
