@@ -5,6 +5,7 @@
 #   bash run_cifar.sh                                        # LayerMatch, 3 seeds, 6 settings: 18 runs
 #   ALGORITHMS="layermatch fixmatch" bash run_cifar.sh       # and the baseline beside it: 36 runs
 #   SEEDS=0 bash run_cifar.sh --device cuda --compile
+#   AUGMENT=usb bash run_cifar.sh                            # USB's/TorchSSL's RandAugment: runs/*-usb-s*
 # Rerun it after an interruption: finished runs (summary.json) are skipped, interrupted ones (checkpoint.pt)
 # resumed, the rest started. At the end it prints the results table of everything under runs/.
 # Expected accuracy: the FixMatch paper (Sohn et al. 2020, Table 2, FixMatch-RA) reports test error
@@ -17,7 +18,7 @@ cd "$(dirname "$0")"
 for seed in ${SEEDS:-0 1 2}; do
   for algorithm in ${ALGORITHMS:-layermatch}; do
     for run in cifar10@40 cifar10@250 cifar10@4000 cifar100@400 cifar100@2500 cifar100@10000; do
-      out="runs/$run-$algorithm-s$seed"
+      out="runs/$run-$algorithm${AUGMENT:+-$AUGMENT}-s$seed"
       if [[ -f $out/summary.json ]]; then
         echo "finished, skipped: $out"
         continue
@@ -26,7 +27,7 @@ for seed in ${SEEDS:-0 1 2}; do
       [[ -d $out ]] && start=(--overwrite)         # stopped before its first checkpoint: nothing to keep
       [[ -f $out/checkpoint.pt ]] && start=(--resume)
       python layermatch.py --dataset "${run%@*}" --labels "${run#*@}" --algorithm "$algorithm" --seed "$seed" \
-        --out "$out" ${start[@]+"${start[@]}"} "$@"
+        ${AUGMENT:+--augment "$AUGMENT"} --out "$out" ${start[@]+"${start[@]}"} "$@"
     done
   done
 done
