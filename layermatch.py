@@ -734,7 +734,7 @@ def decode_into(file: str, paths: list, size: int, squash: bool = False):
     starts = range(0, len(paths), chunk)
     tasks = [[file] * len(starts), starts, [paths[i:i + chunk] for i in starts], [size] * len(starts),
              [squash] * len(starts)]
-    workers = min(cores, len(starts))
+    workers = min(cores, -(-len(paths) // CHUNK))  # a small folder is decoded here, without starting processes
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool, \
             tqdm(total=len(paths), desc="decoding", unit="img", disable=len(paths) < 1000, leave=False) as bar:
         for n in (pool.map if pool else map)(write_images, *tasks):  # a bad image cancels the tasks not yet started
