@@ -10,13 +10,11 @@ us; section "Our reading of the method" in README.md says exactly what we implem
     python layermatch.py --dataset cifar10 --labels 40 --algorithm fixmatch   # the baseline
     python layermatch.py --dataset digits --labels 20                   # offline demo, minutes on a CPU
     python layermatch.py --dataset cifar10 --labels 40 --resume         # continue an interrupted run
-    python layermatch.py --dataset folder --data-dir PATH --labels 40   # PATH/train/<class>/*, PATH/test/<class>/*
-    python layermatch.py --dataset folder --data-dir PATH --labels 40 --image-size 128 --arch resnet18
+    python layermatch.py --dataset folder --data-dir PATH --labels 40 --image-size 96 --arch resnet18  # your photos
     python layermatch.py --dataset imagenet100 --data-dir ROOT --labels 1300   # ResNet-50, 224 px, 13 per class
     python layermatch.py --evaluate --out runs/cifar10@40-layermatch-s0 # test accuracy of a saved run
     python layermatch.py --table runs                                   # mean ± std over seeds of finished runs
     torchrun --nproc_per_node=4 layermatch.py --dataset cifar100 --labels 400   # batch = global batch
-    python bench.py                                                     # throughput vs a PIL pipeline
 
 From Python (your own uint8 images [N, C, H, W] and int64 labels), and a trained model:
 
@@ -25,9 +23,8 @@ From Python (your own uint8 images [N, C, H, W] and int64 labels), and a trained
                     data=dict(train_x=..., train_y=..., test_x=..., test_y=..., unlabeled_x=None))
     classes, probs = predict(load("runs/mydata@40-layermatch-s0"), images)
 
-The whole dataset sits on the device as uint8 (or in host memory, --data-on host); every augmentation is a
-batched tensor op on the device with per-image randomness; one forward pass over [labeled, weak, strong] per
-step, as in FixMatch. Your images are decoded once, in parallel, into a memory-mapped cache.
+The dataset sits on the device as uint8 (or in host memory, --data-on host), augmented there in whole batches with
+per-image randomness; one forward pass over [labeled, weak, strong] per step, as in FixMatch.
 """
 import argparse
 import contextlib
@@ -91,8 +88,7 @@ class Config:
     overwrite: bool = arg(False, "delete an existing --out and start afresh")
     stop_at: int = arg(0, "checkpoint and stop after this step (split a run into time-limited jobs); 0 = off")
     device: str = arg("auto", "auto | cuda | cpu | mps")
-    tensorboard: bool = arg(False, "write learning curves to <out>/tb for `tensorboard --logdir runs` "
-                                   "(needs: pip install tensorboard)")
+    tensorboard: bool = arg(False, "learning curves in <out>/tb, for tensorboard --logdir (pip install tensorboard)")
     # FixMatch recipe (None = per-dataset default, see DATASET_DEFAULTS)
     steps: int | None = arg(None, "training steps K (default 2^20; digits 1500)")
     batch_size: int | None = arg(None, "labeled batch B, global over all processes (default 64; digits 16)")
@@ -212,69 +208,7 @@ def resolve(cfg: Config, user_data: bool) -> Config:
     return cfg
 
 # ---------------------------------------------------------------------------------------------
-# Data: whole datasets as uint8 tensors [N, C, H, W]; labels int64.
-
-DOWNLOAD_HINTS = {  # what torchvision looks for in --data-dir
-    "cifar10": "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ (www.cs.toronto.edu/~kriz/cifar.html)",
-    "cifar100": "cifar-100-python.tar.gz or its extracted cifar-100-python/ (www.cs.toronto.edu/~kriz/cifar.html)",
-    "svhn": "train_32x32.mat and test_32x32.mat (http://ufldl.stanford.edu/housenumbers/)",
-    "stl10": "stl10_binary.tar.gz or its extracted stl10_binary/ (https://cs.stanford.edu/~acoates/stl10/)",
-}
-
-IMAGENET100 = (  # the 100 classes of CMC (Tian et al. 2019, imagenet100.txt), as solo-learn and most SSL papers
-    "n01558993 n01692333 n01729322 n01735189 n01749939 n01773797 n01820546 n01855672 n01978455 n01980166 n01983481 "
-    "n02009229 n02018207 n02085620 n02086240 n02086910 n02087046 n02089867 n02089973 n02090622 n02091831 n02093428 "
-    "n02099849 n02100583 n02104029 n02105505 n02106550 n02107142 n02108089 n02109047 n02113799 n02113978 n02114855 "
-    "n02116738 n02119022 n02123045 n02138441 n02172182 n02231487 n02259212 n02326432 n02396427 n02483362 n02488291 "
-    "n02701002 n02788148 n02804414 n02859443 n02869837 n02877765 n02974003 n03017168 n03032252 n03062245 n03085013 "
-    "n03259280 n03379051 n03424325 n03492542 n03494278 n03530642 n03584829 n03594734 n03637318 n03642806 n03764736 "
-    "n03775546 n03777754 n03785016 n03787032 n03794056 n03837869 n03891251 n03903868 n03930630 n03947888 n04026417 "
-    "n04067472 n04099969 n04111531 n04127249 n04136333 n04229816 n04238763 n04336792 n04418357 n04429376 n04435653 "
-    "n04485082 n04493381 n04517823 n04589890 n04592741 n07714571 n07715103 n07753275 n07831146 n07836838 n13037406 "
-    "n13040303"
-).split()
-
-def load_digits():
-    """scikit-learn's bundled 8x8 digits (1797 images, no download): a fixed 1297/500 train/test split."""
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError:
-        raise UserError("the digits demo needs scikit-learn: pip install scikit-learn") from None
-    d = sklearn_digits()
-    x = torch.from_numpy(d.images * (255 / 16)).round().to(torch.uint8)[:, None]  # [1797, 1, 8, 8]
-    y = torch.from_numpy(d.target).long()
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # same split for every --seed
-    train, test = perm[:1297], perm[1297:]
-    return dict(train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test])
-
-def load_data(cfg: Config) -> dict:
-    """Returns dict(train_x, train_y, test_x, test_y, unlabeled_x or None); downloads if needed."""
-    if cfg.dataset == "digits":
-        return load_digits()
-    if cfg.dataset == "folder":
-        return load_folder(cfg.data_dir, cfg.image_size, cfg.cache_dir)
-    if cfg.dataset == "imagenet100":
-        d = load_folder(cfg.data_dir, cfg.image_size, cfg.cache_dir, IMAGENET100, squash=True)  # as TorchSSL feeds it
-        return d | dict(mean_std=tuple(255 * torch.tensor(v, dtype=torch.float64) for v in IMAGENET_MEAN_STD))
-    import torchvision.datasets as D
-    nhwc = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # CIFAR stores [N, H, W, C]
-    root = cfg.data_dir
-    try:
-        if cfg.dataset in ("cifar10", "cifar100"):
-            cls = D.CIFAR10 if cfg.dataset == "cifar10" else D.CIFAR100
-            tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
-            return dict(train_x=nhwc(tr.data), train_y=torch.tensor(tr.targets), test_x=nhwc(te.data),
-                        test_y=torch.tensor(te.targets), unlabeled_x=None, classes=tr.classes)
-        svhn = cfg.dataset == "svhn"
-        cls, splits = (D.SVHN, ("train", "test")) if svhn else (D.STL10, ("train", "test", "unlabeled"))
-        sets = [cls(root, split=s, download=True) for s in splits]
-        return dict(train_x=torch.from_numpy(sets[0].data), train_y=torch.from_numpy(sets[0].labels).long(),
-                    test_x=torch.from_numpy(sets[1].data), test_y=torch.from_numpy(sets[1].labels).long(),
-                    unlabeled_x=torch.from_numpy(sets[2].data) if len(sets) > 2 else None)
-    except Exception as e:  # no internet, a half-downloaded file, a read-only --data-dir ...
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
-        raise UserError(f"could not load {cfg.dataset} from '{root}' ({reason}). Without internet, put "
-                        f"{DOWNLOAD_HINTS[cfg.dataset]} into '{root}' or pass --data-dir") from None
+# Data: whole datasets as uint8 tensors [N, C, H, W], labels int64 (load_data reads them, after the method)
 
 def check_data(data: dict):
     """Validate the data (user tensors especially) so that mistakes are one clear line before any work starts."""
@@ -330,10 +264,8 @@ def reflect(i: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(i >= n, period - i, i)
 
 def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool, crop: tuple | None = None) -> torch.Tensor:
-    """A random horizontal flip and a random crop of side crop (default: the images' own) at a uniform position in the
-    image reflect-padded by 12.5% of that side: at 32 px a translation by up to 4 px, as RandomCrop(32, padding=4) of
-    FixMatch and USB. Images stored larger than the crop (ImageNet-100 at 256 for 224, TorchSSL's) are padded by 4 px,
-    as TorchSSL's RandomCrop(224, padding=4). One gather: every output pixel reads a (mirrored, shifted) input pixel."""
+    """Random flip, then a random crop (default: the images' size) of the image reflect-padded by 12.5% of the side (at
+    32 px RandomCrop(32, padding=4)), or by 4 px from images stored larger (TorchSSL's 224 of 256). One gather."""
     N, C, H, W = x.shape
     (h, w), dev = crop or (H, W), x.device
     py, px = (round(0.125 * h), round(0.125 * w)) if (h, w) == (H, W) else (4, 4)
@@ -348,15 +280,13 @@ def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool, crop: tuple
     return x.flatten(2).gather(2, pixel).view(N, C, h, w)
 
 def autocontrast(x):
-    """PIL's autocontrast: each channel stretched from its [lo, hi] to [0, 255], truncated, a constant one unchanged;
-    in integers (PIL's double arithmetic gives one level less where the product is an exact integer, rarely)."""
+    """PIL's autocontrast: each channel stretched from [lo, hi] to [0, 255] in integers, a constant one unchanged."""
     lo, hi = (v.int() for v in (x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)))
     stretched = (x.int() - lo) * 255 // (hi - lo).clamp(min=1)
     return torch.where(hi > lo, stretched, x.int()).to(torch.uint8)
 
 def blend(x, degenerate, factor):
-    """PIL's ImageEnhance: degenerate + factor * (x - degenerate) in float32 with a per-image factor, then
-    truncated to uint8 as PIL's blend does (rounding would brighten every image by ~0.4 grey levels)."""
+    """PIL's ImageEnhance: degenerate + factor (x - degenerate) in float32, truncated to uint8 as PIL's blend."""
     out = degenerate + factor.view(-1, 1, 1, 1) * (x.float() - degenerate)
     return out.clamp_(0, 255).to(torch.uint8)  # float -> uint8 truncates
 
@@ -381,16 +311,12 @@ def sharpen_degenerate(x):
     return F.pad(smooth, (1, 1, 1, 1)).where(interior, xf)
 
 def enhance_factor(level):
-    """0.1 + 1.8 L / 10, written (5 + 9 L) / 50: one float32 rounding, which gives the float32 value of the
-    references' double-precision factor exactly (truncation in blend makes one ulp visible)."""
+    """0.1 + 1.8 L / 10 as (5 + 9 L) / 50: one float32 rounding, the float32 of the references' double exactly."""
     return (5 + 9 * level) / 50
 
 def affine(x, m, op, fill=128):
-    """Rotate / ShearX / ShearY / TranslateX / TranslateY by m (degrees, shear factor, pixels), one grid_sample with
-    a per-image matrix. The matrix maps output to input pixels, as PIL's transform data. Rotation is about the
-    centre, as PIL's rotate(m); shears about the top-left corner as PIL's AFFINE (1, m, 0, 0, 1, 0) in all three
-    references. Nearest-neighbour sampling as PIL's default; uncovered pixels get fill: mid-gray as the official
-    FixMatch code, black (0) as PIL's default in USB."""
+    """Rotate / ShearX / ShearY / TranslateX / TranslateY by m (degrees, shear factor, pixels) as PIL's: rotation about
+    the centre, shears about the top-left corner, nearest neighbour, uncovered pixels fill (FixMatch 128, USB 0)."""
     N, C, H, W = x.shape
     m = m.float()
     angle, one, zero = torch.deg2rad(m), torch.ones_like(m), torch.zeros_like(m)
@@ -432,9 +358,7 @@ def fixmatch_magnitudes(level, sign, H, W):
                         L * s * H / 32, 4 - (0.4 * L).floor(), 256 - (25.6 * L).floor()])
 
 def usb_magnitudes(u, H, W):
-    """[14, n]: each op's magnitude in USB's and TorchSSL's RandAugment(3, 5), min + (max - min) u for u ~ U[0, 1):
-    factors [0.05, 0.95], Rotate [-30, 30] degrees, Shear [-0.3, 0.3], Translate [-0.3, 0.3] of the side,
-    Posterize int([4, 8]) bits, Solarize threshold [0, 256]."""
+    """[14, n]: each op's magnitude in USB's RandAugment(3, 5), uniform in its range (README: table), u ~ U[0, 1)."""
     v, zero = 2 * u - 1, torch.zeros_like(u)
     f = 0.05 + 0.9 * u
     return torch.stack([zero, zero, zero, f, f, f, f, 30 * v, 0.3 * v, 0.3 * v, 0.3 * W * v, 0.3 * H * v,
@@ -446,9 +370,8 @@ def accelerator_paths(device: torch.device) -> bool:
     return device.type != "cpu" or _FORCE_ACCELERATOR_PATHS
 
 def apply_to(x, chosen, op, *params):
-    """x with op applied to the images where `chosen`. On the CPU only those images are computed; on an
-    accelerator the whole batch is, then selected, so that no data-dependent size forces a host sync.
-    Both give identical results because every op is per image."""
+    """x with op applied where `chosen`: on the CPU to those images only; on an accelerator to all, then selected, as
+    a data-dependent size would force a host sync. The same result: every op is per image."""
     if accelerator_paths(x.device):
         return torch.where(chosen.view(-1, 1, 1, 1), op(x, *params), x)
     idx = chosen.nonzero().squeeze(1)
@@ -457,10 +380,8 @@ def apply_to(x, chosen, op, *params):
     return x
 
 def strong_augment(x: torch.Tensor, gen: torch.Generator, augment: str = "fixmatch", n_ops: int | None = None):
-    """RandAugment + Cutout on uint8 images, per image. Each image draws n_ops ops uniformly with replacement from 14.
-    fixmatch (FixMatch RA): 2 ops, each applied with probability 0.5 at a level uniform in 1..9, then a mid-gray
-    Cutout of half the side. usb (USB, TorchSSL): 3 ops, all applied, magnitudes uniform in each op's range, black
-    fill, then usb_cutout."""
+    """RandAugment + Cutout, per image: n_ops ops drawn with replacement from 14. fixmatch (FixMatch RA): 2 ops, each
+    with probability 0.5 at a level in 1..9, then cutout. usb (USB, TorchSSL): 3 ops, all applied, then usb_cutout."""
     N, C, H, W = x.shape
     dev, x, fixmatch = x.device, x.clone(), augment == "fixmatch"
     geometric = functools.partial(affine, fill=128 if fixmatch else 0)
@@ -490,9 +411,8 @@ def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(hole[:, None], 128)
 
 def usb_cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """USB's Cutout(v), v ~ U[0, 0.5]: a square of side s = v W with corner int(max(0, c - s / 2)) for a centre c
-    drawn by np.random.uniform(W), i.e. in (1, W] (low W, high 1), filled (125, 123, 114) (grayscale: their luma,
-    123) through the corner + s, both ends included as PIL's rectangle, clipped at the border."""
+    """USB's CutoutAbs(s = v W), v ~ U[0, 0.5]: corner int(max(0, c - s / 2)), c = np.random.uniform(W) in (1, W];
+    through corner + s, both ends included (PIL's rectangle); fill (125, 123, 114), grayscale 123 (their luma)."""
     N, C, H, W = x.shape
     dev = x.device
     side, cx, cy = (torch.rand(N, 1, 1, device=dev, generator=gen) for _ in range(3))
@@ -512,8 +432,7 @@ def usb_cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 BN_MOMENTUM = 0.001  # FixMatch's BatchNorm momentum m, applied by average_running_stats
 
 def BatchNorm(channels):
-    """Momentum 1: after a training forward the buffers hold that batch's statistics, which the loop averages
-    with a warmed-up momentum. Setting the momentum per step instead would recompile a torch.compile'd model."""
+    """Momentum 1: the buffers hold the batch's statistics, which the loop averages (a per-step momentum recompiles)."""
     return nn.BatchNorm2d(channels, momentum=1.0)
 
 class Block(nn.Module):
@@ -531,8 +450,7 @@ class Block(nn.Module):
         return out + (residual if self.shortcut is None else self.shortcut(residual))
 
 class WideResNet(nn.Module):
-    """WRN-(6n+4)-k: stages of n blocks, widths 16k, 32k, 64k (, 128k), stride 2 at the first block of every
-    stage but the first; with 4 stages (the FixMatch paper's WRN-37-2 for 96 px STL-10) the first too."""
+    """WRN-(6n+4)-k: stages of n blocks, widths 16k, 32k, 64k (, 128k: WRN-37-2 of STL-10, stride 2 from the first)."""
 
     def __init__(self, num_classes, depth=28, widen=2, in_channels=3, stages=3):
         super().__init__()
@@ -557,8 +475,7 @@ class WideResNet(nn.Module):
         return self.fc(f), f
 
 class ResNet(nn.Module):
-    """torchvision's ResNet-18/50, split as WideResNet: features(x) -> pooled f, and the linear head fc. Below 96 px
-    the usual CIFAR stem (3x3 convolution at stride 1, no max-pool), from 96 px torchvision's ImageNet stem."""
+    """torchvision's ResNet-18/50 split as WideResNet; below 96 px the CIFAR stem (3x3 at stride 1, no max-pool)."""
 
     def __init__(self, arch, num_classes, in_channels=3, image_size=32):
         super().__init__()
@@ -583,8 +500,7 @@ class ResNet(nn.Module):
         return self.fc(f), f
 
 def make_network(cfg: dict, num_classes: int, shape) -> nn.Module:
-    """The --arch network for images of shape [C, H, W]; cfg is a Config as a dict (a checkpoint's). Pretrained
-    weights take RGB: grayscale images are then fed as three equal channels (normalisation broadcasts them)."""
+    """The --arch network for images [C, H, W] (cfg: a checkpoint's dict); pretrained weights take RGB (gray too)."""
     if cfg.get("arch", "wrn") == "wrn":
         return WideResNet(num_classes, cfg["depth"], cfg["widen"], shape[0], cfg["stages"])
     return ResNet(cfg["arch"], num_classes, 3 if cfg.get("pretrained") else shape[0], min(shape[1:]))
@@ -598,8 +514,7 @@ def pseudo_label(z_weak: torch.Tensor, tau: float):
     return y_hat, (p_max >= tau).float()
 
 class GradReLULinear(torch.autograd.Function):
-    """z = f W^T + b. Backward: the features get the full gradient g W, but the head only the
-    rectified per-logit gradient, ReLU(g)^T f and sum ReLU(g)  (the `--grad-relu relu` variant)."""
+    """z = f W^T + b; backward: the features get g W, the head only ReLU(g)^T f and sum ReLU(g) (`--grad-relu relu`)."""
 
     @staticmethod
     def forward(ctx, f, weight, bias):
@@ -624,8 +539,7 @@ def grad_relu_logits(f: torch.Tensor, fc: nn.Linear, mode: str) -> torch.Tensor:
     return fc(f)  # off: plain FixMatch
 
 def consistent(mask, z_strong, y_hat):
-    """Avg-Clustering contributors among unlabeled samples: confident (m = 1) and consistent, i.e. the
-    strong view's prediction agrees with the pseudo-label. Labeled samples always contribute."""
+    """Unlabeled Avg-Clustering contributors: confident (m = 1) and the strong view's argmax agrees with y_hat."""
     return mask * (z_strong.argmax(1) == y_hat)
 
 def cluster_sums(f, y, weight, num_classes):
@@ -635,8 +549,7 @@ def cluster_sums(f, y, weight, num_classes):
     return sums, torch.zeros(num_classes, device=f.device).index_add_(0, y, weight.float())
 
 def avg_clustering_update(centres, seen, sums, counts, alpha):
-    """Avg-Clustering centres: c_k <- normalize(alpha c_k + (1 - alpha) mean_k) for classes with
-    contributors; a class's first update sets c_k = normalize(mean_k). Returns (centres, seen)."""
+    """c_k <- normalize(alpha c_k + (1 - alpha) mean_k) for classes with contributors; first c_k = normalize(mean_k)."""
     has = counts > 0
     mean = sums / counts.clamp(min=1)[:, None]
     new = F.normalize(torch.where(seen[:, None], alpha * centres + (1 - alpha) * mean, mean), dim=1)
@@ -660,22 +573,17 @@ def layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, lambda_u, lamb
 # One step of LayerMatch: from a batch of images to the loss
 
 def avg_clustering_step(f, y, weight, centres, seen, alpha):
-    """Update the centres with the features f of the contributors (weight 1), without gradient; with several
-    processes the sums are all-reduced so that every process holds the same centres."""
+    """The centres updated with the contributors' (weight 1) features, summed over all processes: all hold the same."""
     with torch.no_grad():
         sums, counts = cluster_sums(f, y, weight, len(centres))
         all_reduce(sums, counts)
         return avg_clustering_update(centres, seen, sums, counts, alpha)
 
 def layermatch_step(model, head, batch, normalize, gen, centres, seen, cfg, dtype=None):
-    """Augment, one forward pass over [labeled weak, unlabeled weak, unlabeled strong], pseudo-label, Avg-Clustering,
-    Grad-ReLU, loss. batch: this step's sampled uint8 images on the device (Batches): labeled x_l with labels y,
-    unlabeled u with their true labels y_u (-1: unknown) for diagnostics, and crop: the training crop (H, W) where
-    the images are stored larger (ImageNet-100, as TorchSSL), else None. Device work only: no host synchronisation.
-    model(x) -> (logits, features); head is its linear layer. Returns (loss, terms, centres, seen).
-    Augmentation runs in fp32 on every device (inside autocast, a GPU would rotate and sharpen in bf16); the
-    forward pass and the losses run under autocast in dtype (None: fp32).
-    The centres are kept for every algorithm (fixmatch, supervised: for the nearest-centre diagnostic only)."""
+    """Augment, one forward pass over [labeled weak, unlabeled weak, unlabeled strong], loss; no host sync. batch
+    (Batches): uint8 x_l, labels y, unlabeled u with true labels y_u (-1: unknown; diagnostics), crop (H, W) or None.
+    model(x) -> (logits, features), head its linear layer. Augmentation in fp32, forward and losses under autocast
+    in dtype (None: fp32). The centres are kept for every algorithm (the nearest-centre diagnostic)."""
     dev, alpha = centres.device, cfg.ac_momentum
     amp = torch.autocast(dev.type, dtype, enabled=dtype is not None)
     weak = lambda x: weak_augment(x, gen, cfg.hflip, batch["crop"])
@@ -702,12 +610,73 @@ def layermatch_step(model, head, batch, normalize, gen, centres, seen, cfg, dtyp
     return loss, terms, centres, seen
 
 # ---------------------------------------------------------------------------------------------
-# Your own images and pretrained weights: reading them in, every mistake one line
+# Reading the data (torchvision's datasets, the digits demo, your own images) and pretrained weights
+
+DOWNLOAD_HINTS = {  # what torchvision looks for in --data-dir
+    "cifar10": "cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ (www.cs.toronto.edu/~kriz/cifar.html)",
+    "cifar100": "cifar-100-python.tar.gz or its extracted cifar-100-python/ (www.cs.toronto.edu/~kriz/cifar.html)",
+    "svhn": "train_32x32.mat and test_32x32.mat (http://ufldl.stanford.edu/housenumbers/)",
+    "stl10": "stl10_binary.tar.gz or its extracted stl10_binary/ (https://cs.stanford.edu/~acoates/stl10/)",
+}
+
+IMAGENET100 = (  # the 100 classes of CMC (Tian et al. 2019, imagenet100.txt), as solo-learn and most SSL papers
+    "n01558993 n01692333 n01729322 n01735189 n01749939 n01773797 n01820546 n01855672 n01978455 n01980166 "
+    "n01983481 n02009229 n02018207 n02085620 n02086240 n02086910 n02087046 n02089867 n02089973 n02090622 "
+    "n02091831 n02093428 n02099849 n02100583 n02104029 n02105505 n02106550 n02107142 n02108089 n02109047 "
+    "n02113799 n02113978 n02114855 n02116738 n02119022 n02123045 n02138441 n02172182 n02231487 n02259212 "
+    "n02326432 n02396427 n02483362 n02488291 n02701002 n02788148 n02804414 n02859443 n02869837 n02877765 "
+    "n02974003 n03017168 n03032252 n03062245 n03085013 n03259280 n03379051 n03424325 n03492542 n03494278 "
+    "n03530642 n03584829 n03594734 n03637318 n03642806 n03764736 n03775546 n03777754 n03785016 n03787032 "
+    "n03794056 n03837869 n03891251 n03903868 n03930630 n03947888 n04026417 n04067472 n04099969 n04111531 "
+    "n04127249 n04136333 n04229816 n04238763 n04336792 n04418357 n04429376 n04435653 n04485082 n04493381 "
+    "n04517823 n04589890 n04592741 n07714571 n07715103 n07753275 n07831146 n07836838 n13037406 n13040303"
+).split()
+
+def load_digits():
+    """scikit-learn's bundled 8x8 digits (1797 images, no download): a fixed 1297/500 train/test split."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise UserError("the digits demo needs scikit-learn: pip install scikit-learn") from None
+    d = sklearn_digits()
+    x = torch.from_numpy(d.images * (255 / 16)).round().to(torch.uint8)[:, None]  # [1797, 1, 8, 8]
+    y = torch.from_numpy(d.target).long()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # same split for every --seed
+    train, test = perm[:1297], perm[1297:]
+    return dict(train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test])
+
+def load_data(cfg: Config) -> dict:
+    """Returns dict(train_x, train_y, test_x, test_y, unlabeled_x or None); downloads if needed."""
+    if cfg.dataset == "digits":
+        return load_digits()
+    if cfg.dataset == "folder":
+        return load_folder(cfg.data_dir, cfg.image_size, cfg.cache_dir)
+    if cfg.dataset == "imagenet100":
+        d = load_folder(cfg.data_dir, cfg.image_size, cfg.cache_dir, IMAGENET100, squash=True)  # as TorchSSL feeds it
+        return d | dict(mean_std=tuple(255 * torch.tensor(v, dtype=torch.float64) for v in IMAGENET_MEAN_STD))
+    import torchvision.datasets as D
+    nhwc = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # CIFAR stores [N, H, W, C]
+    root = cfg.data_dir
+    try:
+        if cfg.dataset in ("cifar10", "cifar100"):
+            cls = D.CIFAR10 if cfg.dataset == "cifar10" else D.CIFAR100
+            tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
+            return dict(train_x=nhwc(tr.data), train_y=torch.tensor(tr.targets), test_x=nhwc(te.data),
+                        test_y=torch.tensor(te.targets), unlabeled_x=None, classes=tr.classes)
+        svhn = cfg.dataset == "svhn"
+        cls, splits = (D.SVHN, ("train", "test")) if svhn else (D.STL10, ("train", "test", "unlabeled"))
+        sets = [cls(root, split=s, download=True) for s in splits]
+        return dict(train_x=torch.from_numpy(sets[0].data), train_y=torch.from_numpy(sets[0].labels).long(),
+                    test_x=torch.from_numpy(sets[1].data), test_y=torch.from_numpy(sets[1].labels).long(),
+                    unlabeled_x=torch.from_numpy(sets[2].data) if len(sets) > 2 else None)
+    except Exception as e:  # no internet, a half-downloaded file, a read-only --data-dir ...
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        raise UserError(f"could not load {cfg.dataset} from '{root}' ({reason}). Without internet, put "
+                        f"{DOWNLOAD_HINTS[cfg.dataset]} into '{root}' or pass --data-dir") from None
 
 def read_image(path: str, size: int, squash: bool = False) -> bytes:
-    """An image file -> its RGB pixels [3, size, size] as bytes: the shorter side resized to size (bilinear, PIL's
-    antialiasing), then the centre size x size crop, so no image is squashed; or, squash, resized to size x size (as
-    TorchSSL's ImageNet). PIL only: safe in a forked process."""
+    """An image file -> RGB bytes [3, size, size]: shorter side to size (antialiased bilinear), centre crop; or, squash,
+    resized to size x size (TorchSSL's ImageNet). PIL only: safe in a forked process."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -727,8 +696,7 @@ def write_images(file: str, start: int, paths: list, size: int, squash: bool) ->
 CHUNK = 32  # images per task of a decoding process, at most
 
 def decode_into(file: str, paths: list, size: int, squash: bool = False):
-    """Decode image files into file (uint8 [N, 3, size, size], already of that length) by one process per core, each
-    writing its images straight into it: threads would hold Python's lock for most of a small image's time."""
+    """Decode into file (uint8 [N, 3, size, size], of that length) by one process per core (threads: the GIL)."""
     cores = os.cpu_count() or 1
     chunk = max(1, min(CHUNK, len(paths) // (4 * cores)))  # a few tasks per process at least, to balance the load
     starts = range(0, len(paths), chunk)
@@ -772,10 +740,8 @@ def cache_lock(path: str):
         yield
 
 def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, n_stats: int, squash=False) -> tuple:
-    """(images [N, 3, size, size] memory-mapped from cache_dir, metadata: all grayscale?, the per-channel mean and std
-    of the first n_stats), decoded once for any number of processes: the first decodes, under a lock, the others wait
-    and map its file. Keyed by the file names relative to root, their sizes and modification times, and size; a file
-    of the wrong size (cut off) is rebuilt, an unfinished one is never read (write_cache)."""
+    """(images [N, 3, size, size] mapped from cache_dir, meta: grayscale?, mean and std of the first n_stats). The first
+    process decodes under a lock, others wait and map. Keyed by names, sizes, mtimes; a cut-off file is redone."""
     listing = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
     key = hashlib.sha256(json.dumps([size, squash, n_stats, listing]).encode()).hexdigest()[:16]
     name = f"{os.path.basename(root)}-{hashlib.sha256(root.encode()).hexdigest()[:8]}-{part}-{size}px" \
@@ -795,9 +761,8 @@ def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, 
     return torch.from_file(f"{prefix}{key}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
 
 def write_cache(paths, size, prefix, key, shape, n_stats, squash) -> dict:
-    """Decode into prefix+key.u8.tmp, flush it, rename it and write its .json, whose presence marks it complete.
-    Runs under the cache's lock, so the prefix's other files are stale (another version of the folder, the unfinished
-    write of a process that died): they go first."""
+    """Decode into a .tmp, flush, rename, write the .json that marks it complete. Under the lock the prefix's other
+    files are stale (an older folder, a dead process's write): they go first."""
     tmp, start = f"{prefix}{key}.u8.tmp", time.time()
     try:
         for old in glob.glob(glob.escape(prefix) + "*"):
@@ -826,12 +791,9 @@ def write_cache(paths, size, prefix, key, shape, n_stats, squash) -> dict:
     return meta
 
 def load_folder(root: str, size: int, cache_dir: str, only: list | None = None, squash: bool = False) -> dict:
-    """Your images in torchvision's ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or root/val/, as
-    ImageNet's, also where test/ holds no class folders) with the same class names, and optionally root/unlabeled/
-    with images in any sub-folders. 1 channel if every image is grayscale (R = G = B), else RGB. With `only`, those
-    classes of many (ImageNet-100's). The images come from caches in cache_dir (cached_images), train and unlabeled
-    images in one, so that the unlabeled pool [train, unlabeled] is a view of it. squash: as TorchSSL's ImageNet,
-    training images resized to int(size / 0.875) squared (256 for 224) for random crops of size, test images to size."""
+    """ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or val/, as ImageNet's), optional root/unlabeled/
+    (any depth); 1 channel if every image has R = G = B. only: those classes (ImageNet-100). Train and unlabeled share
+    one cache, so the pool is a view. squash (TorchSSL): train images int(size / 0.875) squared, test size squared."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
     root = os.path.realpath(root)  # any spelling of a folder finds its cache
@@ -879,14 +841,11 @@ def default_cache_dir() -> str:
 IMAGENET_MEAN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's ImageNet weights expect
 
 def load_pretrained(net: ResNet, arch: str, source: str):
-    """--pretrained: torchvision ResNet weights (a state dict FILE, or 'imagenet') for net.features; the file's
-    head is dropped, since it classifies other classes. Anything else that does not fit is one line."""
+    """--pretrained FILE or 'imagenet': torchvision ResNet weights for net.features (their head classifies others)."""
     import torchvision.models
     try:
-        if source == "imagenet":
-            state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
-        else:
-            state = torch.load(source, map_location="cpu", weights_only=True)
+        state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True) \
+            if source == "imagenet" else torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # no internet, no such file, not a tensor file
         what = f"torchvision's ImageNet weights for {arch} (offline? pass a saved state dict FILE)" \
             if source == "imagenet" else f"'{source}'"
@@ -907,8 +866,7 @@ def load_pretrained(net: ResNet, arch: str, source: str):
 # Where the images are kept (--data-on) and each step's batch
 
 def channel_mean_std(x: torch.Tensor, values: int = 2**24) -> tuple:
-    """Per-channel mean and (unbiased) std of uint8 images [N, C, H, W] in float64, exact: from 256-bin histograms of
-    chunks of about `values` pixels, so that memory stays bounded however large the dataset."""
+    """Per-channel mean and unbiased std of uint8 [N, C, H, W], exact, from histograms of chunks: bounded memory."""
     hist = torch.zeros(x.shape[1], 256, dtype=torch.int64)
     for part in x.split(max(1, values // x[0].numel())):
         for c in range(x.shape[1]):
@@ -920,10 +878,8 @@ def channel_mean_std(x: torch.Tensor, values: int = 2**24) -> tuple:
     return tuple(torch.tensor(v, dtype=torch.float64) for v in zip(*stats))
 
 def training_memory(net: nn.Module, shape, images_per_step: int, dtype) -> int:
-    """Device bytes a training step needs besides the data: fp32 weights, gradients, momentum and EMA, and the
-    activations saved for backward, measured on 8 images on the CPU (saved-tensor hooks; bf16 stands for fp16, of the
-    same size) and scaled to the step. A GPU adds allocator slack, cuDNN workspaces and its context: data_placement
-    keeps 10% free for them."""
+    """Device bytes of a step besides the data: fp32 weights, gradients, momentum, EMA, and the activations saved for
+    backward on 8 images on the CPU (bf16 for fp16, the same size), scaled; data_placement keeps 10% for the rest."""
     net, saved = copy.deepcopy(net).cpu(), {}  # a copy: a forward pass changes the BatchNorm buffers
 
     def pack(t):
@@ -949,8 +905,7 @@ def data_placement(choice: str, data_bytes: int, need_bytes: int, free_bytes: in
     return choice == "host" or not fits, why
 
 def joined(parts: list, where: torch.device) -> torch.Tensor:
-    """The images of parts, one after the other, as one uint8 tensor on where, with no second copy: a view where they
-    lie so already (train and unlabeled images in a memory-mapped cache), else one buffer filled in pieces."""
+    """parts as one tensor on where, no second copy: a view if they are adjacent (one cache), else a buffer."""
     a, n = parts[0], sum(map(len, parts))
     starts = itertools.accumulate([len(p) * a.stride(0) for p in parts], initial=a.storage_offset())
     if where.type == "cpu" and all(p.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and
@@ -964,8 +919,7 @@ def joined(parts: list, where: torch.device) -> torch.Tensor:
     return out
 
 def to_device(data: dict, labeled: torch.Tensor, cfg: Config, device, fmt, on_host=False) -> dict:
-    """The images as uint8 on the training device (on_host: in host memory, maybe a memory-mapped cache), the
-    labels, the labeled subset, and the normalisation. Batches gathers each step's images from here."""
+    """Images (uint8, on the device or on_host), labels, labeled subset, normalisation: what Batches draws from."""
     where = torch.device("cpu") if on_host else device
     train_x, extra = data["train_x"], data.get("unlabeled_x")
     x_u = joined([train_x] + ([] if extra is None else [extra]), where)  # the unlabeled pool: train + unlabeled
@@ -985,11 +939,8 @@ def to_device(data: dict, labeled: torch.Tensor, cfg: Config, device, fmt, on_ho
 SAMPLER_SEED = 0x5A3D1E5F  # mixed into the sampler's seed: its stream must not repeat the augmentation's
 
 class Batches:
-    """Each step's sampled images on the device. The indices are i.i.d. draws from a CPU generator (one per process;
-    checkpointed), so they are known on the host before the device needs them: prefetch(), called once a step has
-    been queued, gathers the next step's images (--data-on host: from host memory into pinned buffers) while the GPU
-    still works; the non_blocking copies follow that step's kernels on the same stream. Both placements give the
-    same batches, bit for bit."""
+    """Each step's images on the device, drawn i.i.d. by a CPU generator (checkpointed): prefetch() gathers the next
+    batch (--data-on host: into pinned buffers) while the GPU works. Both placements give the same batches."""
 
     def __init__(self, D: dict, B: int, uB: int, device, seed: int):
         self.D, self.B, self.uB, self.device = D, B, uB, device
@@ -1030,8 +981,7 @@ class Batches:
 # EMA, schedule, evaluation
 
 def ema_decay(d: float, step: int) -> float:
-    """Warmed up as TensorFlow's num_updates and timm do: early evaluations average the recent weights, not
-    the random initialisation (a 0.999 EMA remembers it for thousands of steps)."""
+    """Warmed up as TensorFlow's num_updates: early evaluations average recent weights, not the initialisation."""
     return min(d, (1 + step) / (10 + step))
 
 def running_stats(model: nn.Module) -> list:
@@ -1040,9 +990,8 @@ def running_stats(model: nn.Module) -> list:
 
 @torch.no_grad()
 def average_running_stats(stats: list, before: list, step: int):
-    """BatchNorm running statistics with momentum max(m, 9/(10+k)) at step k: the EMA's warm-up, so that they
-    describe the same recent weights as the EMA they are evaluated with (FixMatch's m = 0.001 from step ~9000).
-    A cumulative average, momentum max(m, 1/(k+1)), keeps statistics of early weights: README, "Averages"."""
+    """BatchNorm statistics with momentum max(m, 9/(10+k)) at step k: the EMA's warm-up, so that they describe the
+    weights the EMA holds (README, "Averages")."""
     torch._foreach_lerp_(stats, before, ema_decay(1 - BN_MOMENTUM, step))
 
 @torch.no_grad()
@@ -1052,9 +1001,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float):
     torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
 
 def zero_momentum(opt: torch.optim.SGD):
-    """Momentum buffers start at zero, which makes step 1 the same as SGD's own first step (buf = g). Needed:
-    torch's fused SGD allocates them with empty_like and leaves them unwritten when a GradScaler skips
-    step 1 for an overflow, which is usual with fp16; the garbage then diverges the run."""
+    """Zero momentum buffers (step 1 = SGD's buf = g): fused SGD leaves its empty_like ones unwritten when a GradScaler
+    skips step 1 (usual with fp16), and the garbage diverges the run."""
     for group in opt.param_groups:
         for p in group["params"]:
             opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
@@ -1064,12 +1012,10 @@ def learning_rate(cfg, step):
 
 @torch.no_grad()
 def evaluate(model, live, x, y, normalize, centres, seen, batch=1024) -> tuple:
-    """Test accuracy of model's linear head (the EMA copy: what every reported accuracy is), and of the nearest
-    class centre (cosine) on the live network's features: the second measures the feature extractor alone, which
-    LayerMatch claims pseudo-labels help, and compares like with like, as the centres average live features."""
-    training = live.training
-    model.eval()  # the EMA copy stays in eval mode
-    live.eval()  # the live network goes back to train mode below
+    """Test accuracy of model's head (the EMA copy: every reported accuracy), and of the nearest centre (cosine) on the
+    live network's features, which the centres average: the feature extractor alone."""
+    training = live.training  # the live network goes back to this mode below; the EMA copy stays in eval mode
+    model.eval(), live.eval()
     hits = torch.zeros(2, device=x.device)
     for i in range(0, len(x), batch):
         inputs = normalize(x[i:i + batch].to(y.device))  # --data-on host: the test images are there too
@@ -1110,8 +1056,7 @@ def prepare_out(cfg: Config):
         raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
 
 def check_resumable(cfg: Config, saved: dict):
-    """A resumed run must be the same experiment on the same network and images; other changed settings are allowed
-    but reported."""
+    """A resume is the same experiment, network and images (SAME_RUN); other changes are reported."""
     for k in SAME_RUN:
         if k in saved and saved[k] != getattr(cfg, k):  # (a key not in the checkpoint: older code, no such flag)
             flag, show = k.replace("_", "-"), lambda v: "(none)" if v == "" else v
@@ -1136,12 +1081,8 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 def pick_precision(device: torch.device) -> str:
-    """bf16 where the GPU runs it natively (compute capability >= 8.0: A100, RTX 30xx, H100...); fp16 with a
-    GradScaler on older GPUs (T4, V100, RTX 20xx), whose tensor cores run fp16 but emulate bf16 slowly;
-    fp32 on CPUs (bf16 is slow without AVX512-BF16/AMX) and MPS."""
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    """bf16 on GPUs of compute capability >= 8.0; fp16 (GradScaler) on older ones, which emulate bf16; else fp32."""
+    return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 def setup_processes(cfg: Config):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
@@ -1157,10 +1098,8 @@ def setup_processes(cfg: Config):
     return rank, world, device
 
 def rank_zero_first(world: int, rank: int, work):
-    """work(True) on rank 0 (download the data, prepare the output folder), then work(False) on all the others at
-    once (on each machine the first to need an image cache decodes it, the others wait for it: cached_images), and
-    then all go on together. They wait on a gloo group with a day's timeout: the process group's default (10 minutes
-    for NCCL) is shorter than a first STL-10 download or decode. An error on any rank stops every rank."""
+    """work(True) on rank 0 (download, output folder), then work(False) on the others at once; they wait on a gloo
+    group with a day's timeout (NCCL's 10 minutes are shorter than a first download). An error stops every rank."""
     if world == 1:
         return work(True)
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
@@ -1188,11 +1127,9 @@ def all_reduce(*tensors):
 
 def rank_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of t over all processes (t itself in a single process)."""
-    if not dist.is_initialized():
-        return t
     t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
+    all_reduce(t)
+    return t / (dist.get_world_size() if dist.is_initialized() else 1)
 
 def rank_spread(tensors) -> float:
     """Largest difference of these tensors between processes (0.0 means all ranks agree)."""
@@ -1231,10 +1168,8 @@ def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
     if rank == 0:
         state = dict(model=s.model.state_dict(), ema=s.ema.state_dict(), optimizer=s.optimizer.state_dict(),
                      scaler=s.scaler.state_dict(), generators=[r[0] for r in ranks], stats=[r[1] for r in ranks],
-                     samplers=[r[2] for r in ranks],
-                     centres=s.centres, seen=s.seen,
-                     step=s.step, history=s.history, seconds=s.seconds + time.time() - s.started,
-                     config=dataclasses.asdict(cfg), inputs=s.inputs)
+                     samplers=[r[2] for r in ranks], centres=s.centres, seen=s.seen, step=s.step, history=s.history,
+                     seconds=s.seconds + time.time() - s.started, config=dataclasses.asdict(cfg), inputs=s.inputs)
         atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda fh: torch.save(state, fh))
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(s.history[0]) if s.history else ["step"], lineterminator="\n")
@@ -1258,9 +1193,8 @@ def read_checkpoint(out: str) -> dict:
 def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
     if len(ck["generators"]) != world:
         raise UserError(f"cannot resume: the checkpoint is from {len(ck['generators'])} processes, this has {world}")
-    s.model.load_state_dict(ck["model"])
-    s.ema.load_state_dict(ck["ema"])
-    s.optimizer.load_state_dict(ck["optimizer"])
+    for k in ("model", "ema", "optimizer"):
+        getattr(s, k).load_state_dict(ck[k])
     if s.scaler.is_enabled() and ck["scaler"]:
         s.scaler.load_state_dict(ck["scaler"])
     if "samplers" in ck:  # since v3; the sampler is a CPU generator, the same on every device
@@ -1278,8 +1212,7 @@ def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
 
 @contextlib.contextmanager
 def signals_to_flag():
-    """SIGINT/SIGTERM append to the yielded list; the loop checkpoints and exits at its next step. A second
-    signal kills at once (the last checkpoint is intact). Handlers can only be set in the main thread."""
+    """SIGINT/SIGTERM append to the yielded list; the loop checkpoints and exits; a second one kills."""
     stop = []
 
     def on_signal(signum, _):
@@ -1328,10 +1261,8 @@ def tensorboard_writer():
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
 
-class Progress:
-    """Where the loop's figures go: the progress bar, TensorBoard (--tensorboard, rank 0) and, once, the projected
-    time of a long run; and the steady-state clock, from the end of the first step (compilation, autotuning) on,
-    without evaluations."""
+class Progress(contextlib.AbstractContextManager):
+    """The loop's figures to the progress bar, TensorBoard (rank 0) and a long run's projection; the steady clock."""
 
     def __init__(self, cfg: Config, s: State, rank: int, device, images_per_step: int, SummaryWriter):
         self.cfg, self.rank, self.device, self.images_per_step = cfg, rank, device, images_per_step
@@ -1343,8 +1274,7 @@ class Progress:
         self.t0, self.k0, self.busy, self.projected = None, s.step, 0.0, False
 
     def tick(self, loss, step):
-        """After every step. The clock starts once the first step is done (compilation, autotuning); PROJECT_AFTER
-        steps later the run's duration is projected, whatever the machine's load. One host sync each, once."""
+        """The clock starts after step 1 (compilation, autotuning); PROJECT_AFTER steps later, the projection."""
         if self.t0 is None:
             loss.item()
             self.t0, self.k0 = time.time(), step
@@ -1359,8 +1289,7 @@ class Progress:
         return (step - self.k0) / steady if steady > 0 else None  # None: no steady-state step was timed
 
     def log(self, sums: list, step: int) -> dict:
-        """Show the averages since the last evaluation (metrics.csv's row, returned); TensorBoard gets those of
-        the steps since the last log."""
+        """Show the averages since the last evaluation (metrics.csv's row); TensorBoard those since the last log."""
         row = stats_row(sums, self.cfg, step)
         self.bar.update(step - self.bar.n)
         images = (self.bar.format_dict["rate"] or 0) * self.images_per_step
@@ -1390,9 +1319,6 @@ class Progress:
             self.bar.write(f"step {last['step']:>7} | test acc {accs[-1]:.2%} | median(last 20) "
                            f"{statistics.median(accs[-20:]):.2%} | best {max(accs):.2%} | nearest-centre acc "
                            f"{last['centre_acc']:.2%} | mask {last['mask_rate']:.2f}")
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         self.bar.close()
@@ -1580,14 +1506,12 @@ def classifier(ck: dict, which: str) -> Classifier:
     return Classifier(net, inputs, ck["step"]).eval().requires_grad_(False)
 
 def load(out: str, which: str = "ema", device: str = "cpu") -> Classifier:
-    """The model of a finished or interrupted run, ready for inference: which="ema", the averaged weights that
-    every reported accuracy comes from, or "model", the live weights of the last step."""
+    """A run's model for inference: which="ema" (every reported accuracy's) or "model" (the live weights)."""
     return classifier(read_checkpoint(out), which).to(device)
 
 @torch.no_grad()
 def predict(model: Classifier, images: torch.Tensor, batch: int = 1024):
-    """(classes [N] int64, probabilities [N, num_classes]) for uint8 images of the training images' shape
-    [N, C, H, W]; the names are model.classes[i]. Images of your own files: read_images(paths, size)."""
+    """(classes [N], probabilities [N, K]) for uint8 images of model.shape; files: read_images(paths, size)."""
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == model.shape):
         raise UserError(f"predict needs uint8 images [N, {', '.join(map(str, model.shape))}], as the model was "
                         f"trained on (got {getattr(images, 'dtype', type(images).__name__)} "
@@ -1607,9 +1531,9 @@ def evaluate_run(cfg: Config):
     if cfg.data_dir != Config.data_dir:  # the data moved since training
         saved = dataclasses.replace(saved, data_dir=cfg.data_dir)
     data = load_data(saved)
-    hits = [(predict(m, data["test_x"])[0].cpu() == data["test_y"]).sum().item() for m in (ema, live)]
-    accs = [h / len(data["test_y"]) for h in hits]
-    print(f"{cfg.out}: step {ema.step} of {saved.steps}, {len(data['test_y'])} test images: "
+    n = len(data["test_y"])
+    accs = [(predict(m, data["test_x"])[0].cpu() == data["test_y"]).sum().item() / n for m in (ema, live)]
+    print(f"{cfg.out}: step {ema.step} of {saved.steps}, {n} test images: "
           f"test accuracy {accs[0]:.2%} (EMA model, as reported in training), {accs[1]:.2%} (live model)")
     return accs
 
@@ -1621,19 +1545,13 @@ OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-
 def short_names(paths: set) -> dict:
     """Each path's shortest tail of folder names that no other path in the set shares."""
     parts = {p: os.path.normpath(p).split(os.sep) for p in paths}
-    names = {}
-    for p, mine in parts.items():
-        k = 1
-        while k < len(mine) and any(o[-k:] == mine[-k:] for q, o in parts.items() if q != p):
-            k += 1
-        names[p] = "/".join(mine[-k:])
-    return names
+    shared = lambda p, k: any(o[-k:] == parts[p][-k:] for q, o in parts.items() if q != p)
+    return {p: "/".join(mine[-next(k for k in range(1, len(mine) + 1) if k == len(mine) or not shared(p, k)):])
+            for p, mine in parts.items()}
 
 def results_table(root: str) -> str:
-    """--table: per algorithm (rows) and experiment (columns: dataset@labels, with the data folder for your own
-    images), mean ± std over seeds of the test accuracy, the median of the last 20 evaluations, its range over
-    the seeds and the mean best, from every summary.json below root. Runs that differ from the recipe's defaults
-    get their own row, labelled with what differs. Runs of one cell with the same seed are one seed, averaged."""
+    """--table: per algorithm and settings that differ from the defaults (rows) and dataset@labels (columns), the
+    median of the last 20 evaluations over seeds, from every summary.json below root; one seed's runs averaged."""
     runs = []
     for folder, _, files in sorted(os.walk(root)):
         if "summary.json" in files and "config.json" in files:
@@ -1653,8 +1571,7 @@ def results_table(root: str) -> str:
         data = f"{cfg['dataset']}:{data_names[cfg['data_dir']]}" if cfg["dataset"] in OWN_DATA else cfg["dataset"]
         cells.setdefault((row, (data, cfg["labels"])), {}).setdefault(cfg["seed"], []).append(
             (summary["test_acc_median_last20"], summary["test_acc_best"], folder))
-    rows = sorted({r for r, _ in cells})
-    columns = sorted({c for _, c in cells})
+    rows, columns = sorted({r for r, _ in cells}), sorted({c for _, c in cells})
 
     def cell(seeds):  # in %; each seed's runs averaged first; a single seed has no spread to show
         median, best = ([100 * statistics.mean(run[i] for run in same) for same in seeds.values()] for i in (0, 1))
