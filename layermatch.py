@@ -76,11 +76,10 @@ class Config:
     seed: int = arg(0, "seeds the labeled subset, the initialisation, sampling and augmentation")
     data_dir: str = arg("./data", "where torchvision datasets are (or get downloaded to); --dataset folder: the "
                                   "folder of your images", metavar="DIR")
-    image_size: int | None = arg(None, "--dataset folder, imagenet100: the shorter side of every image is resized "
-                                       "to SIZE, then the centre SIZE x SIZE is cropped (default 32; imagenet100 224)")
-    data_on: str = arg("auto", "where the images are kept: on the device, or in host memory with each step's batch "
-                               "copied over (data larger than the GPU); auto: device if they fit beside the training",
-                       choices=["auto", "device", "host"])
+    image_size: int | None = arg(None, "--dataset folder: shorter side resized to SIZE, centre SIZE x SIZE kept; "
+                                       "imagenet100: the training crop, as TorchSSL's (default 32; imagenet100 224)")
+    data_on: str = arg("auto", "where the images are kept: on the device, or in host memory for data larger than the "
+                               "GPU; auto: device if they fit beside the training", choices=["auto", "device", "host"])
     cache_dir: str = arg("", "--dataset folder, imagenet100: where decoded images are cached (default: "
                              "$XDG_CACHE_HOME/layermatch or ~/.cache/layermatch)", metavar="DIR")
     out: str = arg("", "output folder (default: runs/<dataset>@<labels>-<algorithm>-s<seed>)", metavar="DIR")
@@ -104,8 +103,7 @@ class Config:
                                  "stem without max-pool below 96 px, ImageNet stem from 96 px) (default wrn; "
                                  "imagenet100 resnet50)", choices=["wrn", "resnet18", "resnet50"])
     pretrained: str = arg("", "start a ResNet from a torchvision state dict FILE, or from torchvision's ImageNet-1k "
-                              "weights with 'imagenet' (downloaded); inputs are then normalised as they expect",
-                          metavar="FILE")
+                              "weights with 'imagenet' (downloaded), normalising inputs as they expect", metavar="FILE")
     depth: int = arg(28, "WideResNet depth 6n+4: n blocks per stage")
     stages: int | None = arg(None, "WideResNet stages: 3 (WRN-28-k) or 4 (WRN-37-k, first stage stride 2; "
                                    "default for stl10)", choices=[3, 4])
@@ -120,9 +118,8 @@ class Config:
     lambda_ac: float | None = arg(None, "weight of the Avg-Clustering loss (layermatch 1, else 0)")
     ac_momentum: float = arg(0.99, "momentum alpha of the Avg-Clustering class centres")
     # speed
-    precision: str | None = arg(None, "autocast dtype; fp16 adds a GradScaler (default: bf16 on CUDA GPUs of "
-                                "compute capability >= 8.0, fp16 on older ones, fp32 elsewhere)",
-                                choices=["bf16", "fp16", "fp32"])
+    precision: str | None = arg(None, "autocast dtype; fp16 adds a GradScaler (default: bf16 on CUDA GPUs of compute "
+                                "capability >= 8.0, fp16 on older ones, else fp32)", choices=["bf16", "fp16", "fp32"])
     channels_last: bool = arg(True, "channels_last memory format (faster convolutions on GPUs and recent CPUs)")
     compile: bool = arg(False, "torch.compile the model")
     # instead of training
@@ -198,8 +195,8 @@ def resolve(cfg: Config, user_data: bool) -> Config:
               (0 <= cfg.ac_momentum < 1, "--ac-momentum must be in [0, 1)"),
               (cfg.weight_decay >= 0 and cfg.lambda_u >= 0 and cfg.lambda_ac >= 0, "weights and decays must be >= 0"),
               (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0, "--depth must be 6n+4 with n >= 1 (e.g. 28)"),
-              (cfg.stop_at >= 0, "--stop-at must be >= 0"), (not (cfg.resume and cfg.overwrite),
-                                                             "--resume and --overwrite exclude each other"),
+              (cfg.stop_at >= 0, "--stop-at must be >= 0"),
+              (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
               (cfg.arch in ARCHS, f"unknown --arch '{cfg.arch}' (choose from {', '.join(ARCHS)})"),
               (not cfg.pretrained or cfg.arch != "wrn", "--pretrained needs --arch resnet18 or resnet50")]
     for ok, message in checks:
@@ -825,7 +822,8 @@ def load_folder(root: str, size: int, cache_dir: str, only: list | None = None, 
                    if has_file_allowed_extension(f, IMG_EXTENSIONS))
     if os.path.isdir(os.path.join(root, "unlabeled")) and not extra:
         raise UserError(f"--dataset folder: no images in '{os.path.join(root, 'unlabeled')}'")
-    cache_dir, n = cache_dir or default_cache_dir(), len(train)
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    cache_dir, n = cache_dir or os.path.join(home, "layermatch"), len(train)
     x, meta = cached_images("train", [p for p, _ in train] + extra, root, int(size / 0.875) if squash else size,
                             cache_dir, n, squash)
     t, test_meta = cached_images("test", [p for p, _ in test], root, size, cache_dir, 0, squash)
@@ -834,9 +832,6 @@ def load_folder(root: str, size: int, cache_dir: str, only: list | None = None, 
     return dict(train_x=x[:n, :c], train_y=label(train), test_x=t[:, :c], test_y=label(test),
                 unlabeled_x=x[n:, :c] if extra else None, classes=classes,
                 mean_std=tuple(torch.tensor(v[:c], dtype=torch.float64) for v in (meta["mean"], meta["std"])))
-
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "layermatch")
 
 IMAGENET_MEAN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what torchvision's ImageNet weights expect
 
@@ -1023,8 +1018,7 @@ def evaluate(model, live, x, y, normalize, centres, seen, batch=1024) -> tuple:
         cos = (F.normalize(f.float(), dim=1) @ centres.t()).masked_fill(~seen, -2)  # classes without a centre lose
         hits += torch.stack([(z.argmax(1) == y[i:i + batch]).sum(), (cos.argmax(1) == y[i:i + batch]).sum()])
     live.train(training)
-    head, centre = hits.tolist()
-    return head / len(x), centre / len(x)
+    return tuple(h / len(x) for h in hits.tolist())  # (head, nearest centre)
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: one dict, written atomically so that a kill at any moment leaves the last one loadable
@@ -1449,8 +1443,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
 def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batch) -> dict:
     """summary.json: the FixMatch paper's median of the last 20 evaluations, the best and the final one."""
     summary = dict(steps=s.step, finished=s.step == cfg.steps, device=str(device), world_size=world,
-                   train_seconds=round(s.seconds + time.time() - s.started, 1),
-                   steps_per_second=steps_per_second)
+                   train_seconds=round(s.seconds + time.time() - s.started, 1), steps_per_second=steps_per_second)
     if summary["finished"]:
         accs, centre = [h["test_acc"] for h in s.history], [h["centre_acc"] for h in s.history]
         summary |= dict(test_acc_median_last20=statistics.median(accs[-20:]), test_acc_best=max(accs),
@@ -1491,8 +1484,7 @@ class Classifier(nn.Module):
 
     def __init__(self, net: WideResNet, inputs: dict, step: int):
         super().__init__()
-        self.net, self.classes, self.shape = net, inputs["classes"], inputs["shape"]
-        self.step = step  # the training step the weights are from
+        self.net, self.classes, self.shape, self.step = net, inputs["classes"], inputs["shape"], step  # weights' step
         self.register_buffer("mean", inputs["mean"])
         self.register_buffer("std", inputs["std"])
 
