@@ -943,9 +943,6 @@ class Batches:
         self.pin = device.type == "cuda"  # pinned host memory makes the copies asynchronous; CUDA-only
         self.next, self.state = None, None
 
-    def to_device(self, t):
-        return (t.pin_memory() if self.pin else t).to(self.device, non_blocking=True)
-
     def gather(self, x, i):  # rows i of x, on the device; index_select copies rows (on a CPU 5-40x faster than x[i])
         on_host = self.D["on_host"]
         out = torch.empty((len(i), *x.shape[1:]), dtype=x.dtype, pin_memory=self.pin) if on_host else None
@@ -956,7 +953,7 @@ class Batches:
         i_l = D["labeled"][torch.randint(len(D["labeled"]), (self.B,), generator=g)]
         i_u = torch.randint(len(D["x_u"]), (self.uB,), generator=g)  # uB = 0: supervised
         if not D["on_host"]:
-            i_l, i_u = self.to_device(i_l), self.to_device(i_u)
+            i_l, i_u = ((i.pin_memory() if self.pin else i).to(self.device, non_blocking=True) for i in (i_l, i_u))
         return dict(x_l=self.gather(D["x"], i_l), y=self.gather(D["y"], i_l), u=self.gather(D["x_u"], i_u),
                     y_u=self.gather(D["y_u"], i_u), crop=D["crop"])
 
@@ -1010,7 +1007,8 @@ def evaluate(model, live, x, y, normalize, centres, seen, batch=1024) -> tuple:
     """Test accuracy of model's head (the EMA copy: every reported accuracy), and of the nearest centre (cosine) on the
     live network's features, which the centres average: the feature extractor alone."""
     training = live.training  # the live network goes back to this mode below; the EMA copy stays in eval mode
-    model.eval(), live.eval()
+    model.eval()
+    live.eval()
     hits = torch.zeros(2, device=x.device)
     for i in range(0, len(x), batch):
         inputs = normalize(x[i:i + batch].to(y.device))  # --data-on host: the test images are there too
@@ -1076,7 +1074,9 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 def pick_precision(device: torch.device) -> str:
     """bf16 on GPUs of compute capability >= 8.0; fp16 (GradScaler) on older ones, which emulate bf16; else fp32."""
-    return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 def setup_processes(cfg: Config):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
@@ -1537,9 +1537,12 @@ OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-
 def short_names(paths: set) -> dict:
     """Each path's shortest tail of folder names that no other path in the set shares."""
     parts = {p: os.path.normpath(p).split(os.sep) for p in paths}
-    shared = lambda p, k: any(o[-k:] == parts[p][-k:] for q, o in parts.items() if q != p)
-    return {p: "/".join(mine[-next(k for k in range(1, len(mine) + 1) if k == len(mine) or not shared(p, k)):])
-            for p, mine in parts.items()}
+
+    def tail(mine):  # the fewest trailing names that no other path ends with (all of them if none is enough)
+        k = next((k for k in range(1, len(mine)) if all(o[-k:] != mine[-k:] for o in parts.values() if o is not mine)),
+                 len(mine))
+        return "/".join(mine[-k:])
+    return {p: tail(mine) for p, mine in parts.items()}
 
 def results_table(root: str) -> str:
     """--table: per algorithm and settings that differ from the defaults (rows) and dataset@labels (columns), the
