@@ -86,6 +86,8 @@ class Config:
     resume: bool = arg(False, "continue the run in --out from its checkpoint")
     overwrite: bool = arg(False, "delete an existing --out and start afresh")
     stop_at: int = arg(0, "checkpoint and stop after this step (split a run into time-limited jobs); 0 = off")
+    checkpoint_minutes: float = arg(10.0, "also checkpoint when this many minutes have passed since the last one: "
+                                          "what a kill can lose; 0 = at evaluations only")
     device: str = arg("auto", "auto | cuda | cpu | mps")
     tensorboard: bool = arg(False, "learning curves in <out>/tb, for tensorboard --logdir (pip install tensorboard)")
     # FixMatch recipe (None = per-dataset default, see DATASET_DEFAULTS)
@@ -109,8 +111,8 @@ class Config:
                                    "default for stl10)", choices=[3, 4])
     widen: int | None = arg(None, "WideResNet widening factor (default 2; cifar100 8)")
     hflip: bool | None = arg(None, "random horizontal flip in weak augmentation (default on; off for svhn, digits)")
-    augment: str | None = arg(None, "strong augmentation: fixmatch (the FixMatch paper's RandAugment) or usb (USB's and "
-                                    "TorchSSL's RandAugment(3, 5)) (default fixmatch; imagenet100 usb)",
+    augment: str | None = arg(None, "strong augmentation: fixmatch (the FixMatch paper's RandAugment) or usb (USB's "
+                                    "and TorchSSL's RandAugment(3, 5)) (default fixmatch; imagenet100 usb)",
                               choices=["fixmatch", "usb"])
     # LayerMatch (None = per-algorithm default, see ALGORITHM_DEFAULTS)
     grad_relu: str | None = arg(None, "pseudo-label gradient into the linear head (layermatch zero, else off)",
@@ -187,7 +189,8 @@ def resolve(cfg: Config, user_data: bool) -> Config:
     defaults = {**BASE_DEFAULTS, **DATASET_DEFAULTS.get(cfg.dataset, {}), **ALGORITHM_DEFAULTS[cfg.algorithm]}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
                               out=cfg.out or f"runs/{cfg.dataset}@{cfg.labels}-{cfg.algorithm}-s{cfg.seed}")
-    for name, least in dict(labels=1, steps=1, batch_size=1, uratio=1, eval_every=1, widen=1, image_size=MIN_SIDE).items():
+    least_values = dict(labels=1, steps=1, batch_size=1, uratio=1, eval_every=1, widen=1, image_size=MIN_SIDE)
+    for name, least in least_values.items():
         if getattr(cfg, name) < least:
             raise UserError(f"--{name.replace('_', '-')} must be at least {least} (got {getattr(cfg, name)})")
     checks = [(0 < cfg.threshold <= 1, "--threshold must be in (0, 1]"), (cfg.lr > 0, "--lr must be positive"),
@@ -195,7 +198,7 @@ def resolve(cfg: Config, user_data: bool) -> Config:
               (0 <= cfg.ac_momentum < 1, "--ac-momentum must be in [0, 1)"),
               (cfg.weight_decay >= 0 and cfg.lambda_u >= 0 and cfg.lambda_ac >= 0, "weights and decays must be >= 0"),
               (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0, "--depth must be 6n+4 with n >= 1 (e.g. 28)"),
-              (cfg.stop_at >= 0, "--stop-at must be >= 0"),
+              (cfg.stop_at >= 0 and cfg.checkpoint_minutes >= 0, "--stop-at and --checkpoint-minutes must be >= 0"),
               (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
               (cfg.arch in ARCHS, f"unknown --arch '{cfg.arch}' (choose from {', '.join(ARCHS)})"),
               (not cfg.pretrained or cfg.arch != "wrn", "--pretrained needs --arch resnet18 or resnet50")]
@@ -223,11 +226,12 @@ def check_data(data: dict):
     same = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 4 and t.shape[1:] == shape
     if (u is not None and not same(u)) or not (same(test) or test.shape[1] == shape[0] and all(
             a <= b for a, b in zip(test.shape[2:], shape[1:]))):
-        raise UserError(f"image tensors must be uint8 of the train images' shape [N, {', '.join(map(str, shape))}] (test "
-                        "images may be smaller: training then takes random crops of their size)")
+        raise UserError(f"image tensors must be uint8 of the train images' shape [N, {', '.join(map(str, shape))}] "
+                        "(test images may be smaller: training then takes random crops of their size)")
     if shape[0] not in (1, 3) or min(test.shape[2:]) < MIN_SIDE:
         raise UserError(f"images must have 1 (grayscale) or 3 (RGB) channels, as RandAugment's colour ops need, and "
-                        f"at least {MIN_SIDE}x{MIN_SIDE} pixels, as its Sharpness filter (got [N, {', '.join(map(str, shape))}])")
+                        f"at least {MIN_SIDE}x{MIN_SIDE} pixels, as its Sharpness filter "
+                        f"(got [N, {', '.join(map(str, shape))}])")
     num_classes = int(data["train_y"].max()) + 1
     if min(data["train_y"].min(), data["test_y"].min()) < 0 or num_classes < 2:
         raise UserError("labels must be 0..num_classes-1, with at least 2 classes")
@@ -1032,9 +1036,9 @@ def atomic_write(path, write):
 def write_text(path, text):
     atomic_write(path, lambda fh: fh.write(text.encode()))
 
-def prepare_out(cfg: Config):
-    """The output folder: never silently reused or clobbered."""
-    if not cfg.resume and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
+def prepare_out(cfg: Config, restarted: bool = False):
+    """The output folder: never silently reused or clobbered (a torchrun restart reuses the folder it started)."""
+    if not (cfg.resume or restarted) and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise UserError(f"output folder '{cfg.out}' exists: add --resume to continue it or --overwrite to replace it")
     try:
         if cfg.overwrite:
@@ -1047,6 +1051,8 @@ def prepare_out(cfg: Config):
     except OSError as e:
         raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
 
+BOOKKEEPING = ("resume", "overwrite", "stop_at", "checkpoint_minutes", "tensorboard")  # a resume may change them
+
 def check_resumable(cfg: Config, saved: dict):
     """A resume is the same experiment, network and images (SAME_RUN); other changes are reported."""
     for k in SAME_RUN:
@@ -1055,7 +1061,7 @@ def check_resumable(cfg: Config, saved: dict):
             raise UserError(f"cannot resume: the checkpoint has --{flag} {show(saved[k])}, this command --{flag} "
                             f"{show(getattr(cfg, k))}")
     changed = [f"{k} {saved[k]} -> {v}" for k, v in dataclasses.asdict(cfg).items()
-               if k in saved and saved[k] != v and k not in ("resume", "overwrite", "stop_at", "tensorboard")]
+               if k in saved and saved[k] != v and k not in BOOKKEEPING]
     if changed:
         print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
 
@@ -1079,25 +1085,43 @@ def pick_precision(device: torch.device) -> str:
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 def setup_processes(cfg: Config):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process. Returns a gloo group for the host's
+    exchanges (whatever the training backend) and whether this start is a torchrun restart: each node's agent counts
+    its own restarts (one that restarts its workers because a peer failed may not), so the processes agree on it."""
     world, rank, local_rank = (int(os.environ.get(k, 0)) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
-    world = max(world, 1)
+    world, restarts = max(world, 1), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     device = pick_device(cfg.device, local_rank)
-    if world > 1:
-        if cfg.batch_size % world:
-            raise UserError(f"--batch-size {cfg.batch_size} is global and must divide by the {world} processes")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-def rank_zero_first(world: int, rank: int, work):
-    """work(True) on rank 0 (download, output folder), then work(False) on the others at once; they wait on a gloo
-    group with a day's timeout (NCCL's 10 minutes are shorter than a first download). An error stops every rank."""
     if world == 1:
+        return rank, world, device, None, restarts > 0
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is global and must divide by the {world} processes")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **group_store(world, rank, restarts))
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))  # NCCL's 10 minutes: too short a wait
+    restarted = torch.tensor(restarts)
+    dist.all_reduce(restarted, dist.ReduceOp.MAX, group=group)
+    return rank, world, device, group, bool(restarted)
+
+def group_store(world: int, rank: int, restarts: int) -> dict:
+    """torchrun's agent lends the workers its store and keeps it across restarts: a restarted group would read the dead
+    one's addresses (pytorch/pytorch#135712). One node's agent counts every restart: a key prefix per restart; agents
+    of several nodes may count apart: a new store per rendezvous round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # a store of the workers' own (plain env://), new at every rendezvous round
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
+        raise UserError("torchrun --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+                        "torchrun's environment and --rdzv-backend c10d, or a restarted group cannot connect "
+                        "(pytorch/pytorch#135712; README: Multi-GPU and multi-node)")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    return dict(store=dist.PrefixStore(f"layermatch/restart{restarts}", store), rank=rank, world_size=world)
+
+def rank_zero_first(group, rank: int, work):
+    """work(True) on rank 0 (download, output folder), then work(False) on the others at once; they wait on the gloo
+    group, whose timeout is a day (longer than a first download). An error stops every rank."""
+    if group is None:
         return work(True)
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-    result = None
+    result, world = None, dist.get_world_size(group)
     for turn in ("rank 0", "the others"):
         error = None
         if (rank == 0) == (turn == "rank 0"):
@@ -1153,6 +1177,8 @@ class State:
     history: list = field(default_factory=list)  # one row per evaluation, as in metrics.csv
     seconds: float = 0.0  # training time before this process started
     started: float = field(default_factory=time.time)
+    saved_step: int | None = None  # the step of the checkpoint on disk, and when this process last wrote or found it
+    saved_at: float = field(default_factory=time.monotonic)
 
 def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
     mine = (s.gen.get_state(), s.stats.cpu(), s.batches.sampler_state())
@@ -1170,6 +1196,7 @@ def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
         writer.writeheader()
         writer.writerows(s.history)
         write_text(os.path.join(cfg.out, "metrics.csv"), text.getvalue())
+    s.saved_step, s.saved_at = s.step, time.monotonic()
 
 def read_checkpoint(out: str) -> dict:
     path = os.path.join(out, "checkpoint.pt")
@@ -1202,7 +1229,33 @@ def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
     s.centres.copy_(ck["centres"])
     s.seen.copy_(ck["seen"])
     s.stats.copy_(ck["stats"][rank] if isinstance(ck["stats"], list) else ck["stats"])  # a list since v3
-    s.step, s.history, s.seconds = ck["step"], ck["history"], ck["seconds"]
+    s.step, s.history, s.seconds, s.saved_step = ck["step"], ck["history"], ck["seconds"], ck["step"]
+
+def resume_point(cfg: Config, restarted: bool, rank: int) -> tuple:
+    """What this start continues: (cfg, checkpoint, summary of a finished run). --resume reads the checkpoint; so does
+    a torchrun restart once one exists, never re-applying --overwrite; a restart before it starts again."""
+    if restarted:
+        found = os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
+        cfg = dataclasses.replace(cfg, resume=found, overwrite=False)
+        if rank == 0 and not found:
+            print("note: restarted before the first checkpoint; training starts again from step 0", file=sys.stderr)
+    if not cfg.resume:
+        return cfg, None, None
+    try:
+        with open(os.path.join(cfg.out, "summary.json")) as fs, open(os.path.join(cfg.out, "config.json")) as fc:
+            done, saved = json.load(fs), json.load(fc)
+    except (OSError, ValueError):
+        done = {}  # not finished (or its summary is unreadable: resuming rewrites it)
+    if done.get("finished") and done.get("steps") == cfg.steps:  # a finished run is left as it is
+        check_resumable(cfg, saved)  # the same experiment, or an error naming the difference
+        if rank == 0:
+            print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to resume, no file changed",
+                  file=sys.stderr)
+            report(done, cfg.out)
+        return cfg, None, done
+    ck = read_checkpoint(cfg.out)
+    check_resumable(cfg, ck["config"])  # before anything is loaded or written
+    return cfg, ck, None
 
 @contextlib.contextmanager
 def signals_to_flag():
@@ -1219,6 +1272,19 @@ def signals_to_flag():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+@contextlib.contextmanager
+def lost_contact_in_one_line(s: State, cfg: Config, world: int):
+    """Another process died (killed, out of memory): the collective that waits for it fails here. One line instead
+    of the backend's traceback; torchrun then restarts the group (--max-restarts) or stops."""
+    try:
+        yield
+    except RuntimeError as e:
+        if world == 1 or not (isinstance(e, dist.DistError) or "Connection" in str(e)):
+            raise
+        saved = "no checkpoint was written" if s.saved_step is None else \
+            f"the checkpoint of step {s.saved_step} in '{cfg.out}' is intact"
+        raise UserError(f"lost contact with another process at step {s.step} (killed?); {saved}") from None
 
 STATS = ("loss", "L_s", "L_u", "L_ac", "mask", "pl_correct", "pl_known", "steps")  # summed on the device
 LOG_EVERY = 16  # steps between host reads of those sums: the only synchronisation in the loop
@@ -1333,19 +1399,15 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     """Train, evaluate and checkpoint one run; returns the summary (also written to summary.json)."""
     default_recipe = cfg.steps is None
     cfg = resolve(cfg, data is not None)
-    if cfg.resume and (done := finished_summary(cfg)):
-        print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to resume, no file changed", file=sys.stderr)
-        report(done, cfg.out)
-        return done
     SummaryWriter = tensorboard_writer() if cfg.tensorboard else None
-    ck = read_checkpoint(cfg.out) if cfg.resume else None
-    if ck:
-        check_resumable(cfg, ck["config"])  # before anything is loaded or written
-    rank, world, device = setup_processes(cfg)
+    rank, world, device, gloo, restarted = setup_processes(cfg)
+    cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
+    cfg, ck, done = resume_point(cfg, restarted, rank)
+    if done:
+        return done
     if rank == 0 and default_recipe and cfg.dataset == "folder":
         print(f"note: --dataset folder trains with the CIFAR-10 recipe, {cfg.steps} steps of B={cfg.batch_size}, "
               f"mu={cfg.uratio}; for a shorter run pass e.g. --steps 20000 --eval-every 500", file=sys.stderr)
-    cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
     torch.backends.cudnn.benchmark = device.type == "cuda"
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -1366,12 +1428,12 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             if first:
                 print(f"note: the images are kept in {'host' if on_host else 'device'} memory: {why}", file=sys.stderr)
         if first:
-            prepare_out(cfg)
+            prepare_out(cfg, restarted)
         return d, labeled, net, on_host
     B, uB = cfg.batch_size // world, cfg.uratio * cfg.batch_size // world * (cfg.algorithm != "supervised")
     images_per_step = B + 2 * uB  # this process's share
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16).get(cfg.precision)  # None: fp32
-    d, labeled, net, on_host = rank_zero_first(world, rank, load_and_check)
+    d, labeled, net, on_host = rank_zero_first(gloo, rank, load_and_check)
     D = to_device(d, labeled, cfg, device, fmt, on_host)
     if world > 1 and device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # BatchNorm statistics over the global batch
@@ -1383,15 +1445,17 @@ def train(cfg: Config, data: dict | None = None) -> dict:
               Batches(D, B, uB, device, cfg.seed + 1_000_003 * rank), centres,
               torch.zeros(D["num_classes"], dtype=torch.bool, device=device), torch.zeros(len(STATS), device=device),
               D["inputs"])
-    if cfg.resume:
+    if ck:
         restore_checkpoint(s, ck, cfg, world, rank)
+        if restarted and rank == 0:
+            print(f"resumed at step {s.step} after a restart", file=sys.stderr)
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = torch.compile(model) if cfg.compile else model
 
     bn_stats = running_stats(net)
     bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite
     progress = Progress(cfg, s, rank, device, images_per_step * world, SummaryWriter)
-    with signals_to_flag() as stop, progress:
+    with signals_to_flag() as stop, progress, lost_contact_in_one_line(s, cfg, world):
         while s.step < cfg.steps:
             for group in s.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, s.step)
@@ -1415,13 +1479,14 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             evaluating = s.step % cfg.eval_every == 0 or s.step == cfg.steps
             if s.step % LOG_EVERY and not evaluating and s.step != cfg.stop_at and not (stop and world == 1):
                 continue
-            flags = torch.stack([bad_step.float(), torch.tensor(float(bool(stop)), device=device)])
+            due = rank == 0 and 0 < cfg.checkpoint_minutes * 60 <= time.monotonic() - s.saved_at  # rank 0's clock
+            flags = torch.cat([bad_step.float().view(1), torch.tensor([bool(stop), due], device=device).float()])
             if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)  # every process stops at the same step
-            bad, stopping = flags.tolist()
+                dist.all_reduce(flags, dist.ReduceOp.MAX)  # every process stops, and checkpoints, at the same step
+            bad, stopping, due = flags.tolist()
             if bad >= 0:
                 raise UserError(f"non-finite loss at step {int(bad)}; stopped. The last checkpoint in '{cfg.out}' "
-                                f"(step {s.history[-1]['step'] if s.history else 'none'}) is intact")
+                                f"(step {'none' if s.saved_step is None else s.saved_step}) is intact")
             row = progress.log(rank_mean(s.stats).tolist(), s.step)  # the figures of the whole global batch
             if evaluating:
                 with progress.evaluating():  # rank 0 alone evaluates: every process holds the same EMA weights
@@ -1431,12 +1496,11 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                     s.stats.zero_()
                     save_checkpoint(s, cfg, world, rank)
                     progress.evaluated(s.history)
-            if stopping:
+            elif stopping or due or s.step == cfg.stop_at:
                 save_checkpoint(s, cfg, world, rank)
+            if stopping:
                 raise Interrupted(stop[0] if stop else signal.SIGTERM, s.step)
             if s.step == cfg.stop_at:
-                if not evaluating:
-                    save_checkpoint(s, cfg, world, rank)
                 break
     return summarise(s, cfg, world, rank, device, progress.steps_per_second(s.step), (B, uB))
 
@@ -1463,18 +1527,6 @@ def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batc
 def report(summary: dict, out: str):
     print(f"done: test accuracy median of last 20 evals {summary['test_acc_median_last20']:.2%}, "
           f"best {summary['test_acc_best']:.2%}, final {summary['test_acc_final']:.2%} -> {out}")
-
-def finished_summary(cfg: Config) -> dict | None:
-    """--resume of a run that has finished its cfg.steps: its summary.json, so that train() changes nothing."""
-    try:
-        with open(os.path.join(cfg.out, "summary.json")) as fs, open(os.path.join(cfg.out, "config.json")) as fc:
-            summary, saved = json.load(fs), json.load(fc)
-    except (OSError, ValueError):
-        return None  # not finished (or its summary is unreadable: resuming rewrites it)
-    if not (summary.get("finished") and summary.get("steps") == cfg.steps):
-        return None
-    check_resumable(cfg, saved)  # the same experiment, or an error naming the difference
-    return summary
 
 # ---------------------------------------------------------------------------------------------
 # Using a trained model; results of many runs
@@ -1530,8 +1582,8 @@ def evaluate_run(cfg: Config):
     return accs
 
 # What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment
-NOT_IN_TABLE = ("seed", "out", "data_dir", "resume", "overwrite", "stop_at", "device", "tensorboard", "precision",
-                "channels_last", "compile", "evaluate", "table")
+NOT_IN_TABLE = BOOKKEEPING + ("seed", "out", "data_dir", "device", "precision", "channels_last", "compile", "evaluate",
+                              "table")
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 
 def short_names(paths: set) -> dict:

@@ -7,6 +7,7 @@ import fractions
 import functools
 import glob
 import io
+import itertools
 import json
 import math
 import os
@@ -14,11 +15,13 @@ import shutil
 import re
 import shlex
 import signal
+import socket
 import statistics
 import struct
 import subprocess
 import sys
 import time
+import types
 import zlib
 
 import numpy as np
@@ -700,14 +703,46 @@ def states_equal(a, b):
         all(torch.equal(x, y) for x, y in zip(ta, tb))
 
 
-def test_resume_is_bit_identical(tmp_path):
+def test_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
     common = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=24, eval_every=8)
     lm.train(lm.Config(**common, out=str(tmp_path / "straight")))
-    half = lm.train(lm.Config(**common, out=str(tmp_path / "split"), stop_at=12))  # not at an evaluation
-    assert half == dict(half, steps=12, finished=False)
+    for out in ("split", "restarted"):
+        half = lm.train(lm.Config(**common, out=str(tmp_path / out), stop_at=12))  # not at an evaluation
+        assert half == dict(half, steps=12, finished=False)
+    capsys.readouterr()
     lm.train(lm.Config(**common, out=str(tmp_path / "split"), resume=True))
-    assert states_equal(tmp_path / "straight" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt")
-    assert open(tmp_path / "straight" / "metrics.csv").read() == open(tmp_path / "split" / "metrics.csv").read()
+    assert "note:" not in capsys.readouterr().err  # nothing changed, nothing noted
+    # a torchrun restart of the command as first started (--overwrite included) continues the run just as well
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    lm.train(lm.Config(**common, out=str(tmp_path / "restarted"), overwrite=True))
+    assert "resumed at step 12 after a restart" in capsys.readouterr().err
+    for out in ("split", "restarted"):
+        assert states_equal(tmp_path / "straight" / "checkpoint.pt", tmp_path / out / "checkpoint.pt")
+        assert open(tmp_path / "straight" / "metrics.csv").read() == open(tmp_path / out / "metrics.csv").read()
+
+
+def test_a_restart_before_the_first_checkpoint_starts_again(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # what a first start leaves before its first checkpoint
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    summary = lm.train(lm.Config(dataset="digits", labels=20, batch_size=8, uratio=2, steps=4, eval_every=2,
+                                 out=str(out)))
+    assert summary["finished"] and "training starts again from step 0" in capsys.readouterr().err
+    assert json.load(open(out / "config.json"))["steps"] == 4
+
+
+def test_a_checkpoint_also_every_ten_minutes(tmp_path, monkeypatch):
+    """Decided at the loop's every-LOG_EVERY-steps exchange; a clock 601 s (599 s) further at every reading."""
+    saved, save = [], lm.save_checkpoint
+    monkeypatch.setattr(lm, "save_checkpoint", lambda s, *a: saved.append(s.step) or save(s, *a))
+    common = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=40, eval_every=40)
+    for seconds, minutes, expected in ((601, 10, [16, 32, 40]), (599, 10, [16, 40]), (601, 0, [40])):
+        clock = itertools.count(10**9, seconds)  # the first reading: long after the start
+        monkeypatch.setattr(lm, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: next(clock)))
+        saved.clear()
+        lm.train(lm.Config(**common, checkpoint_minutes=minutes, out=str(tmp_path / f"{seconds}-{minutes}")))
+        assert saved == expected
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -743,6 +778,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
     r = run_cli(*TINY, "--steps", 8, "--eval-every", 2, "--out", out, "--resume")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "corrupt" in r.stderr
+    assert ck.read_bytes() == before
+    restart = dict(os.environ, TORCHELASTIC_RESTART_COUNT="1")  # a torchrun restart: the same line, before training
+    r = run_cli(*TINY, "--steps", 8, "--eval-every", 2, "--out", out, env=restart)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "corrupt" in r.stderr
     assert ck.read_bytes() == before
 
 
@@ -847,6 +886,8 @@ def test_existing_output_folder_and_resume_mismatch(tmp_path):
     assert r.returncode != 0 and "--resume" in r.stderr and "--overwrite" in r.stderr
     r = run_cli(*TINY, "--steps", 2, "--out", out, "--resume", "--seed", 3)
     assert r.returncode != 0 and "--seed 0, this command --seed 3" in r.stderr
+    r = run_cli(*TINY, "--steps", 2, "--out", out, "--seed", 3, env=dict(os.environ, TORCHELASTIC_RESTART_COUNT="1"))
+    assert r.returncode != 0 and "--seed 0, this command --seed 3" in r.stderr  # a restart checks just the same
     assert run_cli(*TINY, "--steps", 2, "--out", tmp_path / "nothing", "--resume").returncode != 0
     assert (out / "checkpoint.pt").read_bytes() == before
 
@@ -1297,10 +1338,10 @@ def test_on_a_gpu_auto_places_the_images_by_the_free_memory(tmp_path, monkeypatc
 # Two processes with torchrun (gloo on the CPU)
 
 
-def torchrun(*args, out, script=os.path.join(HERE, "layermatch.py")):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-           *map(str, (*TINY, "--device", "cpu", "--out", out, *args))]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+def torchrun(*args, out, script=os.path.join(HERE, "layermatch.py"), launcher=(), env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, launcher),
+           script, *map(str, (*TINY, "--device", "cpu", "--out", out, *args))]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
 
 
 RANK_SPY = """
@@ -1319,33 +1360,126 @@ lm.main(sys.argv[1:])
 with open(os.path.join({spies!r}, os.environ["RANK"] + ".json"), "w") as fh:
     json.dump(dict(masks=masks, labels=labels, evaluations=len(evaluations)), fh)
 """
+DDP_ARGS = ("--steps", 12, "--eval-every", 4, "--threshold", 0.3)  # low tau: pseudo-labels from the first steps
 
 
-def test_torchrun_two_processes(tmp_path):
-    args = ("--steps", 12, "--eval-every", 4, "--threshold", 0.3)  # low tau: pseudo-labels from the first steps
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """An uninterrupted 2-process run (ddp/) and what each rank saw (0.json, 1.json); the result: the folder."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
     script = tmp_path / "spy.py"
     script.write_text(RANK_SPY.format(here=HERE, spies=str(tmp_path)))
-    r = torchrun(*args, out=tmp_path / "ddp", script=script)
+    r = torchrun(*DDP_ARGS, out=tmp_path / "ddp", script=script)
     assert r.returncode == 0, r.stderr[-3000:]
-    spies = [json.load(open(tmp_path / f"{rank}.json")) for rank in (0, 1)]
+    (tmp_path / "output.txt").write_text(r.stdout + r.stderr)
+    return tmp_path
+
+
+def test_torchrun_two_processes(ddp_run, tmp_path):
+    spies = [json.load(open(ddp_run / f"{rank}.json")) for rank in (0, 1)]
     assert [s["evaluations"] for s in spies] == [3, 0]  # rank 0 alone evaluates
     # each rank draws its own batches: the sampler is a CPU generator, whose stream is the same on every machine
     assert len(spies[0]["labels"]) == len(spies[1]["labels"]) == 12 and spies[0]["labels"][0] != spies[1]["labels"][0]
-    rows = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
+    rows = list(csv.DictReader(open(ddp_run / "ddp" / "metrics.csv")))
     for i, row in enumerate(rows):  # the logged mask rate is the mean over both ranks of their steps' rates
         per_rank = [statistics.mean(s["masks"][4 * i:4 * i + 4]) for s in spies]
         assert float(row["mask_rate"]) == pytest.approx(statistics.mean(per_rank))
-    summary = json.load(open(tmp_path / "ddp" / "summary.json"))
+    summary = json.load(open(ddp_run / "ddp" / "summary.json"))
     assert summary["world_size"] == 2 and summary["rank_spread"] == 0.0  # weights, EMA and centres agree
     assert summary["batch_per_rank"] == [[4, 8], [4, 8]]  # global B=8, muB=16, split in half
-    assert sorted(os.listdir(tmp_path / "ddp")) == ["checkpoint.pt", "config.json", "metrics.csv", "summary.json"]
-    assert open(tmp_path / "ddp" / "metrics.csv").read().count("\n") == 1 + 3  # header + one row per evaluation
-    assert (r.stdout + r.stderr).count("| test acc") == 3  # rank 0 alone reports
-    # stop half-way and resume under torchrun: the same result as the straight run
-    assert torchrun(*args, "--stop-at", 6, out=tmp_path / "split").returncode == 0
-    r = torchrun(*args, "--resume", out=tmp_path / "split")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert states_equal(tmp_path / "ddp" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt")
+    assert sorted(os.listdir(ddp_run / "ddp")) == ["checkpoint.pt", "config.json", "metrics.csv", "summary.json"]
+    assert open(ddp_run / "ddp" / "metrics.csv").read().count("\n") == 1 + 3  # header + one row per evaluation
+    assert (ddp_run / "output.txt").read_text().count("| test acc") == 3  # rank 0 alone reports
+    # stop half-way and resume under torchrun: the same result as the straight run, and no note of a change
+    assert torchrun(*DDP_ARGS, "--stop-at", 6, out=tmp_path / "split").returncode == 0
+    r = torchrun(*DDP_ARGS, "--resume", out=tmp_path / "split")
+    assert r.returncode == 0 and "note:" not in r.stderr, r.stderr[-3000:]
+    assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt")
+
+
+KILLED_AT_THE_SECOND_CHECKPOINT = """
+import os, signal, sys, time
+sys.path.insert(0, {here!r})
+import layermatch as lm
+folder, victim, node = {folder!r}, {victim!r}, os.path.basename(os.getcwd())
+if node == "node0":  # a worker whose agent does not count the restart, as one restarting its workers for a peer
+    os.environ["TORCHELASTIC_RESTART_COUNT"] = "0"
+writing, pid_file = os.path.join(folder, "writing"), os.path.join(folder, "victim.pid")
+if victim in (node, "rank" + os.environ["RANK"]) and not os.path.exists(pid_file):  # the first start only
+    open(pid_file, "w").write(str(os.getpid()))
+    save, saves = lm.save_checkpoint, []
+    def save_then_die(*args):
+        save(*args)
+        saves.append(1)
+        while len(saves) == 2 and victim == "rank1" and not os.path.exists(writing):  # rank 0 is writing it
+            time.sleep(0.01)
+        if len(saves) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    lm.save_checkpoint = save_then_die
+if victim == "rank1" and os.environ["RANK"] == "0" and not os.path.exists(writing):
+    atomic_write, paths = lm.atomic_write, []
+    def gone(pid):
+        try:
+            os.kill(pid, 0)  # until torchrun's agent reaps the dead worker
+        except ProcessLookupError:
+            return True
+    def write_while_rank_1_dies(path, write):
+        def write_then_wait(fh):
+            write(fh)  # the whole checkpoint in the temporary file, not yet renamed
+            paths.append(path)
+            if path.endswith("checkpoint.pt") and paths.count(path) == 2:
+                open(writing, "w").close()
+                while not gone(int(open(pid_file).read())):
+                    time.sleep(0.01)
+        atomic_write(path, write_then_wait)
+    lm.atomic_write = write_while_rank_1_dies
+lm.main(sys.argv[1:])
+"""
+
+
+def test_a_torchrun_restart_continues_the_run_exactly(ddp_run, tmp_path):
+    """torchrun --max-restarts 1; rank 1 SIGKILLed while rank 0 writes the checkpoint of the second evaluation. The
+    survivor stops in one line, the checkpoint is complete, the restarted group resumes it by itself and ends as the
+    uninterrupted run did: the same metrics.csv byte for byte and the same weights."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AT_THE_SECOND_CHECKPOINT.format(here=HERE, folder=str(tmp_path), victim="rank1"))
+    r = torchrun(*DDP_ARGS, "--overwrite", out=tmp_path / "run", script=script,
+                 launcher=("--max-restarts", 1, "--log-dir", tmp_path / "logs", "--redirects", 2))
+    logs = lambda attempt, rank: open(glob.glob(str(tmp_path / "logs" / "*" / f"attempt_{attempt}" / str(rank) /
+                                                    "stderr.log"))[0]).read()
+    assert r.returncode == 0, r.stderr[-3000:] + logs(0, 0)[-2000:] + logs(1, 0)[-2000:]
+    survivor = logs(0, 0)
+    assert "Traceback" not in survivor and re.search(
+        r"\nlayermatch.py: error: lost contact with another process at step \d+ \(killed\?\); the checkpoint of step 8 "
+        r"in '.*run' is intact\n$", survivor), survivor[-2000:]
+    assert "resumed at step 8 after a restart" in logs(1, 0)  # not started afresh, --overwrite not applied again
+    assert (tmp_path / "run" / "metrics.csv").read_text() == (ddp_run / "ddp" / "metrics.csv").read_text()
+    assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
+
+
+def test_two_nodes_restart_whichever_agents_counted_it(ddp_run, tmp_path):
+    """Two c10d "nodes" on this machine, each started in a folder of its own with the same absolute --out, as the
+    README's command; node 1's worker is SIGKILLed at the second checkpoint. Node 0's worker is told that its agent
+    did not count the restart (what an agent does when it restarts its workers for a peer's sake): both finish."""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AT_THE_SECOND_CHECKPOINT.format(here=HERE, folder=str(tmp_path), victim="node1"))
+    env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for node in (0, 1):
+        os.makedirs(tmp_path / f"node{node}")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1, "--max-restarts",
+               1, "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", script,
+               *TINY, "--device", "cpu", "--out", tmp_path / "run", *DDP_ARGS]
+        nodes.append(subprocess.Popen(list(map(str, cmd)), cwd=tmp_path / f"node{node}", env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "resumed at step 8 after a restart" in "".join(outputs)
+    assert (tmp_path / "run" / "metrics.csv").read_text() == (ddp_run / "ddp" / "metrics.csv").read_text()
+    assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
 
 
 SLOW_DOWNLOAD = """
@@ -1383,6 +1517,44 @@ def test_torchrun_stops_every_rank_when_rank_0_cannot_load(tmp_path):
 def test_batch_must_split_over_processes(tmp_path):
     r = torchrun("--batch-size", 7, "--steps", 2, out=tmp_path / "odd")
     assert r.returncode != 0 and "must divide by the 2 processes" in r.stderr
+
+
+def torchrun_worker(monkeypatch, **env):
+    """The environment torchrun gives a worker: rank 1 of 2, the agent's store shared, restarts allowed."""
+    env = dict(WORLD_SIZE=2, RANK=1, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500,
+               TORCHELASTIC_USE_AGENT_STORE=True, TORCHELASTIC_MAX_RESTARTS=3, TORCHELASTIC_RESTART_COUNT=0) | env
+    for k, v in env.items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_restarts_on_several_nodes_need_a_store_per_round(tmp_path, monkeypatch):
+    torchrun_worker(monkeypatch, LOCAL_WORLD_SIZE=1)  # one process per node: the agents count restarts apart
+    with pytest.raises(lm.UserError, match="needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment"):
+        lm.train(lm.Config(dataset="digits", labels=20, device="cpu", out=str(tmp_path / "run")))
+    assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_nccl_joins_through_the_same_store_and_agrees_on_restarts(monkeypatch):
+    """No GPU here: setup_processes on a CUDA device with NCCL's init replaced by a recorder. NCCL gets the agent's
+    store under this restart's prefix, and the restart is agreed over a CPU (gloo) group, as under gloo."""
+    server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True)
+    torchrun_worker(monkeypatch, MASTER_PORT=server.port)
+    calls = {}
+    monkeypatch.setattr(lm, "pick_device", lambda name, local_rank: torch.device("cuda", local_rank))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(set_device=device))
+    monkeypatch.setattr(lm.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(lm.dist, "new_group", lambda backend, timeout: f"a {backend} group")
+
+    def all_reduce(t, op, group):  # the other process's agent counted a restart, this one's did not
+        calls.update(reduced_on=(t.device.type, group))
+        t.fill_(max(int(t), 1))
+    monkeypatch.setattr(lm.dist, "all_reduce", all_reduce)
+    rank, world, device, gloo, restarted = lm.setup_processes(lm.resolve(lm.Config(dataset="digits"), False))
+    assert (rank, world, device, gloo, restarted) == (1, 2, torch.device("cuda", 1), "a gloo group", True)
+    assert (calls["backend"], calls["rank"], calls["world_size"], calls["set_device"]) == ("nccl", 1, 2, device)
+    assert calls["reduced_on"] == ("cpu", "a gloo group")
+    calls["store"].set("address", "of rank 1")
+    assert server.get("layermatch/restart0/address") == b"of rank 1"
 
 
 # ---------------------------------------------------------------------------------------------
