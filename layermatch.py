@@ -1236,8 +1236,8 @@ def resume_point(cfg: Config, restarted: bool, rank: int) -> tuple:
     a torchrun restart once one exists, never re-applying --overwrite; a restart before it starts again."""
     if restarted:
         found = os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
-        cfg = dataclasses.replace(cfg, resume=found, overwrite=False)
-        if rank == 0 and not found:
+        cfg = dataclasses.replace(cfg, resume=cfg.resume or found, overwrite=False)  # a --resume still needs one
+        if rank == 0 and not cfg.resume:
             print("note: restarted before the first checkpoint; training starts again from step 0", file=sys.stderr)
     if not cfg.resume:
         return cfg, None, None

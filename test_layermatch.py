@@ -733,15 +733,15 @@ def test_a_restart_before_the_first_checkpoint_starts_again(tmp_path, monkeypatc
 
 
 def test_a_checkpoint_also_every_ten_minutes(tmp_path, monkeypatch):
-    """Decided at the loop's every-LOG_EVERY-steps exchange; a clock 601 s (599 s) further at every reading."""
+    """Decided at the loop's exchange every LOG_EVERY steps; here a clock that is 599 s further at every reading."""
     saved, save = [], lm.save_checkpoint
     monkeypatch.setattr(lm, "save_checkpoint", lambda s, *a: saved.append(s.step) or save(s, *a))
     common = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=40, eval_every=40)
-    for seconds, minutes, expected in ((601, 10, [16, 32, 40]), (599, 10, [16, 40]), (601, 0, [40])):
-        clock = itertools.count(10**9, seconds)  # the first reading: long after the start
+    for minutes, expected in ((10, [16, 40]), (0, [40])):  # 10: at 16 (long after the start), not 599 s later
+        clock = itertools.count(10**9, 599)
         monkeypatch.setattr(lm, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: next(clock)))
         saved.clear()
-        lm.train(lm.Config(**common, checkpoint_minutes=minutes, out=str(tmp_path / f"{seconds}-{minutes}")))
+        lm.train(lm.Config(**common, checkpoint_minutes=minutes, out=str(tmp_path / f"{minutes}")))
         assert saved == expected
 
 
@@ -769,7 +769,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, sig):
     assert open(tmp_path / "straight" / "metrics.csv").read() == open(out / "metrics.csv").read()
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
+def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert run_cli(*TINY, "--steps", 4, "--eval-every", 2, "--out", out).returncode == 0
     ck = out / "checkpoint.pt"
@@ -779,9 +779,9 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "corrupt" in r.stderr
     assert ck.read_bytes() == before
-    restart = dict(os.environ, TORCHELASTIC_RESTART_COUNT="1")  # a torchrun restart: the same line, before training
-    r = run_cli(*TINY, "--steps", 8, "--eval-every", 2, "--out", out, env=restart)
-    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "corrupt" in r.stderr
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a torchrun restart stops at the same error
+    with pytest.raises(lm.UserError, match="corrupt"):
+        lm.train(lm.Config(dataset="digits", labels=20, batch_size=8, uratio=2, steps=8, eval_every=2, out=str(out)))
     assert ck.read_bytes() == before
 
 
@@ -878,7 +878,7 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert r.stderr.startswith("layermatch.py: error: --threshold must be in (0, 1]")
 
 
-def test_existing_output_folder_and_resume_mismatch(tmp_path):
+def test_existing_output_folder_and_resume_mismatch(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert run_cli(*TINY, "--steps", 2, "--eval-every", 2, "--out", out).returncode == 0
     before = (out / "checkpoint.pt").read_bytes()
@@ -886,9 +886,12 @@ def test_existing_output_folder_and_resume_mismatch(tmp_path):
     assert r.returncode != 0 and "--resume" in r.stderr and "--overwrite" in r.stderr
     r = run_cli(*TINY, "--steps", 2, "--out", out, "--resume", "--seed", 3)
     assert r.returncode != 0 and "--seed 0, this command --seed 3" in r.stderr
-    r = run_cli(*TINY, "--steps", 2, "--out", out, "--seed", 3, env=dict(os.environ, TORCHELASTIC_RESTART_COUNT="1"))
-    assert r.returncode != 0 and "--seed 0, this command --seed 3" in r.stderr  # a restart checks just the same
     assert run_cli(*TINY, "--steps", 2, "--out", tmp_path / "nothing", "--resume").returncode != 0
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a torchrun restart checks just the same
+    with pytest.raises(lm.UserError, match="--seed 0, this command --seed 3"):
+        lm.train(lm.Config(dataset="digits", labels=20, batch_size=8, uratio=2, steps=2, out=str(out), seed=3))
+    with pytest.raises(lm.UserError, match="no checkpoint.pt in"):  # and a --resume still needs a checkpoint
+        lm.train(lm.Config(dataset="digits", labels=20, steps=2, out=str(tmp_path / "nothing"), resume=True))
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
@@ -1421,6 +1424,7 @@ if victim == "rank1" and os.environ["RANK"] == "0" and not os.path.exists(writin
     def gone(pid):
         try:
             os.kill(pid, 0)  # until torchrun's agent reaps the dead worker
+            return False
         except ProcessLookupError:
             return True
     def write_while_rank_1_dies(path, write):
