@@ -737,7 +737,8 @@ def test_a_checkpoint_also_every_ten_minutes(tmp_path, monkeypatch):
     saved, save = [], lm.save_checkpoint
     monkeypatch.setattr(lm, "save_checkpoint", lambda s, *a: saved.append(s.step) or save(s, *a))
     common = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=40, eval_every=40)
-    for minutes, expected in ((10, [16, 40]), (0, [40])):  # 10: at 16 (long after the start), not 599 s later
+    # 10 minutes: due at step 16 (the clock's first reading is long after the start), not at 32 (599 s after 16)
+    for minutes, expected in ((10, [16, 40]), (0, [40])):
         clock = itertools.count(10**9, 599)
         monkeypatch.setattr(lm, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: next(clock)))
         saved.clear()
@@ -745,11 +746,20 @@ def test_a_checkpoint_also_every_ten_minutes(tmp_path, monkeypatch):
         assert saved == expected
 
 
+KILLED_ARGS = (*TINY, "--steps", 80, "--eval-every", 10)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The output folder of an uninterrupted run of KILLED_ARGS."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert run_cli(*KILLED_ARGS, "--out", out).returncode == 0
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_to_the_same_weights(tmp_path, sig):
-    args = (*TINY, "--steps", 120, "--eval-every", 10)
-    assert run_cli(*args, "--out", tmp_path / "straight").returncode == 0
-    out = tmp_path / "killed"
+def test_killed_run_resumes_to_the_same_weights(straight, tmp_path, sig):
+    args, out = KILLED_ARGS, tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "layermatch.py"), *map(str, args), "--out", out],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -760,13 +770,13 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, sig):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 128 + sig), err
     saved = torch.load(out / "checkpoint.pt", weights_only=True)  # loadable whatever the moment of the kill
-    assert 20 <= saved["step"] < 120
+    assert 20 <= saved["step"] < 80
     if sig == signal.SIGTERM:
         assert "checkpoint saved" in err and "Traceback" not in err
     r = run_cli(*args, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
-    assert states_equal(tmp_path / "straight" / "checkpoint.pt", out / "checkpoint.pt")
-    assert open(tmp_path / "straight" / "metrics.csv").read() == open(out / "metrics.csv").read()
+    assert states_equal(straight / "checkpoint.pt", out / "checkpoint.pt")
+    assert open(straight / "metrics.csv").read() == open(out / "metrics.csv").read()
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path, monkeypatch):
@@ -1341,10 +1351,10 @@ def test_on_a_gpu_auto_places_the_images_by_the_free_memory(tmp_path, monkeypatc
 # Two processes with torchrun (gloo on the CPU)
 
 
-def torchrun(*args, out, script=os.path.join(HERE, "layermatch.py"), launcher=(), env=None):
+def torchrun(*args, out, script=os.path.join(HERE, "layermatch.py"), launcher=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, launcher),
            script, *map(str, (*TINY, "--device", "cpu", "--out", out, *args))]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
 
 
 RANK_SPY = """
