@@ -1280,7 +1280,7 @@ def lost_contact_in_one_line(s: State, cfg: Config, world: int):
     try:
         yield
     except RuntimeError as e:
-        if world == 1 or not (isinstance(e, dist.DistError) or "Connection" in str(e)):
+        if world == 1 or not (isinstance(e, dist.DistError) or "Connection" in str(e)):  # gloo: "Connection reset"
             raise
         saved = "no checkpoint was written" if s.saved_step is None else \
             f"the checkpoint of step {s.saved_step} in '{cfg.out}' is intact"
