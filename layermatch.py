@@ -189,10 +189,9 @@ def resolve(cfg: Config, user_data: bool) -> Config:
     defaults = {**BASE_DEFAULTS, **DATASET_DEFAULTS.get(cfg.dataset, {}), **ALGORITHM_DEFAULTS[cfg.algorithm]}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
                               out=cfg.out or f"runs/{cfg.dataset}@{cfg.labels}-{cfg.algorithm}-s{cfg.seed}")
-    least_values = dict(labels=1, steps=1, batch_size=1, uratio=1, eval_every=1, widen=1, image_size=MIN_SIDE)
-    for name, least in least_values.items():
-        if getattr(cfg, name) < least:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {least} (got {getattr(cfg, name)})")
+    for name, lo in dict(labels=1, steps=1, batch_size=1, uratio=1, eval_every=1, widen=1, image_size=MIN_SIDE).items():
+        if getattr(cfg, name) < lo:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {lo} (got {getattr(cfg, name)})")
     checks = [(0 < cfg.threshold <= 1, "--threshold must be in (0, 1]"), (cfg.lr > 0, "--lr must be positive"),
               (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
               (0 <= cfg.ac_momentum < 1, "--ac-momentum must be in [0, 1)"),
@@ -1085,9 +1084,8 @@ def pick_precision(device: torch.device) -> str:
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 def setup_processes(cfg: Config):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process. Returns a gloo group for the host's
-    exchanges (whatever the training backend) and whether this start is a torchrun restart: each node's agent counts
-    its own restarts (one that restarts its workers because a peer failed may not), so the processes agree on it."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process. Also a gloo group for host work,
+    and whether this is a torchrun restart: agreed, as each node's agent counts restarts (not a peer's) on its own."""
     world, rank, local_rank = (int(os.environ.get(k, 0)) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     world, restarts = max(world, 1), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     device = pick_device(cfg.device, local_rank)
@@ -1104,15 +1102,13 @@ def setup_processes(cfg: Config):
     return rank, world, device, group, bool(restarted)
 
 def group_store(world: int, rank: int, restarts: int) -> dict:
-    """torchrun's agent lends the workers its store and keeps it across restarts: a restarted group would read the dead
-    one's addresses (pytorch/pytorch#135712). One node's agent counts every restart: a key prefix per restart; agents
-    of several nodes may count apart: a new store per rendezvous round (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    """torchrun's agent lends the workers its store and keeps the dead group's addresses in it (pytorch/pytorch#135712):
+    one node's agent counts every restart, so a prefix per restart; several nodes' count apart, so a store per round."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}  # a store of the workers' own (plain env://), new at every rendezvous round
     if int(os.environ.get("LOCAL_WORLD_SIZE", world)) < world and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
         raise UserError("torchrun --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
-                        "torchrun's environment and --rdzv-backend c10d, or a restarted group cannot connect "
-                        "(pytorch/pytorch#135712; README: Multi-GPU and multi-node)")
+                        "torchrun's environment and --rdzv-backend c10d (README: Multi-GPU and multi-node)")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     return dict(store=dist.PrefixStore(f"layermatch/restart{restarts}", store), rank=rank, world_size=world)
 
@@ -1249,8 +1245,7 @@ def resume_point(cfg: Config, restarted: bool, rank: int) -> tuple:
     if done.get("finished") and done.get("steps") == cfg.steps:  # a finished run is left as it is
         check_resumable(cfg, saved)  # the same experiment, or an error naming the difference
         if rank == 0:
-            print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to resume, no file changed",
-                  file=sys.stderr)
+            print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to do, no file changed", file=sys.stderr)
             report(done, cfg.out)
         return cfg, None, done
     ck = read_checkpoint(cfg.out)
@@ -1282,9 +1277,8 @@ def lost_contact_in_one_line(s: State, cfg: Config, world: int):
     except RuntimeError as e:
         if world == 1 or not (isinstance(e, dist.DistError) or "Connection" in str(e)):  # gloo: "Connection reset"
             raise
-        saved = "no checkpoint was written" if s.saved_step is None else \
-            f"the checkpoint of step {s.saved_step} in '{cfg.out}' is intact"
-        raise UserError(f"lost contact with another process at step {s.step} (killed?); {saved}") from None
+        raise UserError(f"lost contact with another process at step {s.step} (killed?); the last checkpoint in "
+                        f"'{cfg.out}' (step {'none' if s.saved_step is None else s.saved_step}) is intact") from None
 
 STATS = ("loss", "L_s", "L_u", "L_ac", "mask", "pl_correct", "pl_known", "steps")  # summed on the device
 LOG_EVERY = 16  # steps between host reads of those sums: the only synchronisation in the loop

@@ -1464,8 +1464,8 @@ def test_a_torchrun_restart_continues_the_run_exactly(ddp_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:] + logs(0, 0)[-2000:] + logs(1, 0)[-2000:]
     survivor = logs(0, 0)
     assert "Traceback" not in survivor and re.search(
-        r"\nlayermatch.py: error: lost contact with another process at step \d+ \(killed\?\); the checkpoint of step 8 "
-        r"in '.*run' is intact\n$", survivor), survivor[-2000:]
+        r"\nlayermatch.py: error: lost contact with another process at step \d+ \(killed\?\); the last checkpoint in "
+        r"'.*run' \(step 8\) is intact\n$", survivor), survivor[-2000:]
     assert "resumed at step 8 after a restart" in logs(1, 0)  # not started afresh, --overwrite not applied again
     assert (tmp_path / "run" / "metrics.csv").read_text() == (ddp_run / "ddp" / "metrics.csv").read_text()
     assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
