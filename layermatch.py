@@ -72,7 +72,8 @@ class Config:
                                   "--data-dir: train/<class>/, test/<class>/ or val/, optional unlabeled/) | "
                                   "imagenet100 (ImageNet's folders in --data-dir); any name with train(data=...)")
     labels: int = arg(40, "number of labeled training images, class-balanced")
-    algorithm: str = arg("layermatch", "what to train", choices=["layermatch", "fixmatch", "supervised"])
+    algorithm: str = arg("layermatch", "what to train; gradrelu and avgclustering are FixMatch plus that part alone",
+                         choices=["layermatch", "fixmatch", "gradrelu", "avgclustering", "supervised"])
     seed: int = arg(0, "seeds the labeled subset, the initialisation, sampling and augmentation")
     data_dir: str = arg("./data", "where torchvision datasets are (or get downloaded to); --dataset folder: the "
                                   "folder of your images", metavar="DIR")
@@ -115,9 +116,9 @@ class Config:
                                     "and TorchSSL's RandAugment(3, 5)) (default fixmatch; imagenet100 usb)",
                               choices=["fixmatch", "usb"])
     # LayerMatch (None = per-algorithm default, see ALGORITHM_DEFAULTS)
-    grad_relu: str | None = arg(None, "pseudo-label gradient into the linear head (layermatch zero, else off)",
+    grad_relu: str | None = arg(None, "pseudo-label gradient into the head (layermatch, gradrelu: zero; else off)",
                                 choices=["zero", "relu", "off"])
-    lambda_ac: float | None = arg(None, "weight of the Avg-Clustering loss (layermatch 1, else 0)")
+    lambda_ac: float | None = arg(None, "weight of the Avg-Clustering loss (layermatch, avgclustering: 1; else 0)")
     ac_momentum: float = arg(0.99, "momentum alpha of the Avg-Clustering class centres")
     # speed
     precision: str | None = arg(None, "autocast dtype; fp16 adds a GradScaler (default: bf16 on CUDA GPUs of compute "
@@ -138,9 +139,9 @@ DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo
 }
 BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, stages=3, weight_decay=5e-4, ema=0.999,
                      hflip=True, threshold=0.95, lambda_u=1.0, arch="wrn", image_size=32, augment="fixmatch")
-ALGORITHM_DEFAULTS = {
-    "layermatch": dict(grad_relu="zero", lambda_ac=1.0),
-    "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
+ALGORITHM_DEFAULTS = {  # the ablations gradrelu and avgclustering: FixMatch plus one part of LayerMatch
+    "layermatch": dict(grad_relu="zero", lambda_ac=1.0), "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
+    "gradrelu": dict(grad_relu="zero", lambda_ac=0.0), "avgclustering": dict(grad_relu="off", lambda_ac=1.0),
     "supervised": dict(grad_relu="off", lambda_ac=0.0),
 }
 IDENTITY = ("dataset", "labels", "seed", "algorithm")  # an experiment
@@ -185,7 +186,7 @@ def resolve(cfg: Config, user_data: bool) -> Config:
     unused = [k for k in ("threshold", "lambda_u", "lambda_ac", "grad_relu") if getattr(cfg, k) is not None]
     if cfg.algorithm == "supervised" and unused:
         raise UserError(f"--algorithm supervised uses no pseudo-labels, so --{unused[0].replace('_', '-')} "
-                        "would be ignored; drop it or choose layermatch or fixmatch")
+                        "would be ignored; drop it or choose another algorithm")
     defaults = {**BASE_DEFAULTS, **DATASET_DEFAULTS.get(cfg.dataset, {}), **ALGORITHM_DEFAULTS[cfg.algorithm]}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None},
                               out=cfg.out or f"runs/{cfg.dataset}@{cfg.labels}-{cfg.algorithm}-s{cfg.seed}")

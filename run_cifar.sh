@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The FixMatch/LayerMatch CIFAR protocol: 2^20 steps, B=64, mu=7, tau=0.95, WRN-28-2 (CIFAR-10) and
 # WRN-28-8 with weight decay 1e-3 (CIFAR-100), EMA 0.999, reported accuracy = median of the last 20
-# evaluations (also best and final, in runs/*/summary.json). Extra arguments pass through to every run:
+# evaluations (also best and final, in runs/*/summary.json). Any grid of runs, every one seed x algorithm x
+# dataset@labels; extra arguments pass through to every run:
 #   bash run_cifar.sh                                        # LayerMatch, 3 seeds, 6 settings: 18 runs
 #   ALGORITHMS="layermatch fixmatch" bash run_cifar.sh       # and the baseline beside it: 36 runs
 #   SEEDS=0 bash run_cifar.sh --device cuda --compile
 #   AUGMENT=usb bash run_cifar.sh                            # USB's/TorchSSL's RandAugment: runs/*-usb-s*
-# Rerun it after an interruption: finished runs (summary.json) are skipped, interrupted ones (checkpoint.pt)
-# resumed, the rest started. At the end it prints the results table of everything under runs/.
+#   RUNS="digits@10 digits@20" ALGORITHMS="layermatch fixmatch gradrelu avgclustering supervised" \
+#     SEEDS="0 1 2 3 4" JOBS=2 bash run_cifar.sh             # the offline ablations, two runs at a time
+# JOBS=N runs N at a time: each on its own GPU (shared in turn when there are fewer than N), the CPU cores split
+# between them (OMP_NUM_THREADS), each one's output in its run folder's log.txt. Ctrl-C stops them all, each
+# saving its checkpoint. Rerun it after an interruption: finished runs (summary.json) are skipped, interrupted
+# ones (checkpoint.pt) resumed, the rest started. At the end it prints the results table of everything under runs/.
 # Expected accuracy: the FixMatch paper (Sohn et al. 2020, Table 2, FixMatch-RA) reports test error
 # 13.81 / 5.07 / 4.26 % on CIFAR-10 with 40 / 250 / 4000 labels and 48.85 / 28.29 / 22.60 % on CIFAR-100
 # with 400 / 2500 / 10000 labels; LayerMatch (arXiv 2406.14207) reports gains over FixMatch (see its
@@ -15,20 +20,81 @@
 # Expected time: 2^20 steps / (steps/s from `python bench.py --device cuda`); see README.
 set -euo pipefail
 cd "$(dirname "$0")"
-for seed in ${SEEDS:-0 1 2}; do
-  for algorithm in ${ALGORITHMS:-layermatch}; do
-    for run in cifar10@40 cifar10@250 cifar10@4000 cifar100@400 cifar100@2500 cifar100@10000; do
-      out="runs/$run-$algorithm${AUGMENT:+-$AUGMENT}-s$seed"
-      if [[ -f $out/summary.json ]]; then
-        echo "finished, skipped: $out"
-        continue
-      fi
-      start=()                                     # a new run
-      [[ -d $out ]] && start=(--overwrite)         # stopped before its first checkpoint: nothing to keep
-      [[ -f $out/checkpoint.pt ]] && start=(--resume)
-      python layermatch.py --dataset "${run%@*}" --labels "${run#*@}" --algorithm "$algorithm" --seed "$seed" \
-        ${AUGMENT:+--augment "$AUGMENT"} --out "$out" ${start[@]+"${start[@]}"} "$@"
-    done
-  done
+read -r -a runs <<< "${RUNS:-cifar10@40 cifar10@250 cifar10@4000 cifar100@400 cifar100@2500 cifar100@10000}"
+read -r -a seeds <<< "${SEEDS:-0 1 2}"
+read -r -a algorithms <<< "${ALGORITHMS:-layermatch}"
+jobs=${JOBS:-1} extra=("$@")
+
+# Every entry is checked before any run starts, against layermatch.py's own tables.
+{ read -r gpus cores; read -r datasets; read -r known; } <<< "$(python -c 'import os, torch, layermatch as m
+print(torch.cuda.device_count(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+print(*m.DATASET_DEFAULTS); print(*m.ALGORITHM_DEFAULTS)')"
+error() { echo "run_cifar.sh: error: $*" >&2; exit 2; }
+[[ $jobs =~ ^[1-9][0-9]*$ ]] || error "JOBS must be a positive integer (got '$jobs')"
+for seed in "${seeds[@]}"; do [[ $seed =~ ^[0-9]+$ ]] || error "SEEDS entry '$seed' is not a seed (0, 1, ...)"; done
+for algorithm in "${algorithms[@]}"; do
+  [[ " $known " == *" $algorithm "* ]] || error "unknown algorithm '$algorithm' in ALGORITHMS (choose from $known)"
 done
+for run in "${runs[@]}"; do
+  [[ $run =~ ^(.+)@[1-9][0-9]*$ ]] || error "RUNS entry '$run' is not dataset@labels (labels >= 1), e.g. cifar10@40"
+  [[ " $datasets " == *" ${BASH_REMATCH[1]} "* ]] ||
+    error "unknown dataset '${BASH_REMATCH[1]}' in RUNS entry '$run' (choose from $datasets)"
+done
+todo=()  # "dataset@labels algorithm seed out"
+for seed in "${seeds[@]}"; do for algorithm in "${algorithms[@]}"; do for run in "${runs[@]}"; do
+  todo+=("$run $algorithm $seed runs/$run-$algorithm${AUGMENT:+-$AUGMENT}-s$seed")
+done; done; done
+
+# With JOBS > 1, slot i trains on GPU i (in turn when there are fewer) with its share of the cores.
+devices=()
+if (( jobs > 1 && gpus > 0 )); then
+  if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then IFS=, read -r -a devices <<< "$CUDA_VISIBLE_DEVICES"
+  else for ((i = 0; i < gpus; i++)); do devices+=("$i"); done; fi
+fi
+
+train() {  # train RUN ALGORITHM SEED OUT SLOT: skip, resume or start one run; > 128: it was interrupted
+  local run=$1 algorithm=$2 seed=$3 out=$4 slot=$5 status=0
+  if [[ -f $out/summary.json ]]; then
+    echo "finished, skipped: $out"
+    return
+  fi
+  mkdir -p "$out"
+  local start=(--overwrite) what=started          # no checkpoint: nothing to keep (at most a config.json)
+  [[ -f $out/checkpoint.pt ]] && start=(--resume) what=resumed
+  local cmd=(python layermatch.py --dataset "${run%@*}" --labels "${run#*@}" --algorithm "$algorithm" --seed "$seed"
+             ${AUGMENT:+--augment "$AUGMENT"} --out "$out" "${start[@]}" ${extra[@]+"${extra[@]}"})
+  # in the background and waited for, so that the worker's TERM reaches it at once
+  if (( jobs == 1 )); then
+    echo "$what: $out"
+    "${cmd[@]}" &
+  else
+    (( ${#devices[@]} )) && export CUDA_VISIBLE_DEVICES=${devices[slot % ${#devices[@]}]}
+    echo "$what: $out${CUDA_VISIBLE_DEVICES:+ on GPU $CUDA_VISIBLE_DEVICES} (log: $out/log.txt)"
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / jobs > 1 ? cores / jobs : 1 ))} "${cmd[@]}" >> "$out/log.txt" 2>&1 &
+  fi
+  wait $! || status=$?
+  if (( status == 0 )); then echo "finished: $out"; else echo "failed (exit $status): $out"; fi
+  return $(( status > 128 ? status : 0 ))
+}
+
+# Ctrl-C: every run gets one TERM, saves its checkpoint and stops; a second Ctrl-C kills them (layermatch.py's rule).
+worker() {  # slot $1: every run, in order, that no other slot has claimed (mkdir is atomic); stops when interrupted
+  trap 'trap "" INT TERM; kill -TERM $(jobs -p) 2> /dev/null || true; wait; exit 143' INT TERM
+  for i in "${!todo[@]}"; do
+    if mkdir "$claims/$i" 2> /dev/null; then train ${todo[$i]} "$1" || exit; fi
+  done
+}
+claims=$(mktemp -d)
+workers=()
+trap 'rm -rf "$claims"' EXIT
+trap 'trap "" INT TERM; kill -TERM ${workers[@]+"${workers[@]}"} 2> /dev/null || true; wait
+      echo "interrupted: each run stopped at a checkpoint; the same command continues them" >&2; exit 130' INT TERM
+for ((slot = 0; slot < jobs; slot++)); do
+  worker "$slot" &
+  workers+=($!)
+done
+wait
 python layermatch.py --table runs
+unfinished=()
+for entry in "${todo[@]}"; do [[ -f ${entry##* }/summary.json ]] || unfinished+=("${entry##* }"); done
+(( ${#unfinished[@]} == 0 )) || error "${#unfinished[@]} of ${#todo[@]} runs did not finish: ${unfinished[*]}"

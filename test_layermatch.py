@@ -170,6 +170,15 @@ def test_avg_clustering_loss_trains_features_only():
 # Data
 
 
+@pytest.mark.parametrize("algorithm, grad_relu, lambda_ac", [("layermatch", "zero", 1), ("fixmatch", "off", 0),
+                                                             ("gradrelu", "zero", 0), ("avgclustering", "off", 1)])
+def test_the_ablations_are_fixmatch_plus_one_part(algorithm, grad_relu, lambda_ac):
+    cfg = lm.resolve(lm.parse_args(["--dataset", "digits", "--algorithm", algorithm]), False)
+    assert (cfg.grad_relu, cfg.lambda_ac, cfg.out) == (grad_relu, lambda_ac, f"runs/digits@40-{algorithm}-s0")
+    mixed = lm.resolve(lm.parse_args(["--algorithm", algorithm, "--grad-relu", "relu", "--lambda-ac", "0.5"]), False)
+    assert (mixed.grad_relu, mixed.lambda_ac) == ("relu", 0.5)  # explicit flags win
+
+
 def test_labeled_subset_is_balanced_and_seeded():
     y = torch.arange(10).repeat(30)
     a, b, c = (lm.labeled_subset(y, 40, 10, s) for s in (0, 0, 1))
@@ -2169,36 +2178,142 @@ def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
 
 
 FAKE_PYTHON = """#!/bin/sh
+if [ "$1" = -c ]; then printf '{probe}\\n'; exit; fi
 echo "$@" >> "$(dirname "$0")/calls.log"
 """
 
 
-def test_run_cifar_skips_finished_resumes_interrupted_and_starts_the_rest(tmp_path):
+def sweep(tmp_path, python=FAKE_PYTHON, gpus=0, cores=2):
+    """A copy of run_cifar.sh whose `python` is this interpreter (python=None) or a stand-in (a template) that answers
+    the script's question with gpus, cores and layermatch.py's choices. Returns run(*args, timeout, Popen, **env)."""
     shutil.copy(os.path.join(HERE, "run_cifar.sh"), tmp_path)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text(FAKE_PYTHON)
-    (bin_dir / "python").chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    if python is None:
+        shutil.copy(os.path.join(HERE, "layermatch.py"), tmp_path)
+        os.symlink(sys.executable, tmp_path / "bin" / "python")
+    else:
+        choices = f"{' '.join(lm.DATASET_DEFAULTS)}\\n{' '.join(lm.ALGORITHM_DEFAULTS)}"
+        (tmp_path / "bin" / "python").write_text(python.format(probe=f"{gpus} {cores}\\n{choices}"))
+        (tmp_path / "bin" / "python").chmod(0o755)
+
+    def run(*args, timeout=120, popen=None, **env):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")} | dict(
+            PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", **env)
+        if popen:
+            return subprocess.Popen(["bash", str(tmp_path / "run_cifar.sh"), *args], env=env, **popen)
+        return subprocess.run(["bash", str(tmp_path / "run_cifar.sh"), *args], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+    return run
+
+
+def test_run_cifar_skips_finished_resumes_interrupted_and_starts_the_rest(tmp_path):
+    run = sweep(tmp_path)
     for name, files in (("cifar10@40-layermatch-s0", ["config.json", "checkpoint.pt", "summary.json"]),
                         ("cifar10@250-layermatch-s0", ["config.json", "checkpoint.pt"]),
                         ("cifar10@4000-layermatch-s0", ["config.json"])):
         (tmp_path / "runs" / name).mkdir(parents=True)
         for f in files:
             (tmp_path / "runs" / name / f).write_text("{}")
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SEEDS="0", ALGORITHMS="layermatch fixmatch")
-    r = subprocess.run(["bash", str(tmp_path / "run_cifar.sh"), "--device", "cpu"], capture_output=True, text=True,
-                       env=env, timeout=60)
-    assert r.returncode == 0, r.stderr
+    r = run("--device", "cpu", SEEDS="0", ALGORITHMS="layermatch fixmatch")
     assert "finished, skipped: runs/cifar10@40-layermatch-s0" in r.stdout
-    calls = (bin_dir / "calls.log").read_text().splitlines()
+    calls = (tmp_path / "bin" / "calls.log").read_text().splitlines()
     assert len(calls) == 11 + 1 and calls[-1] == "layermatch.py --table runs"
     assert not any("--out runs/cifar10@40-layermatch-s0 " in c for c in calls)
     by_out = {c.split("--out ")[1].split()[0]: c for c in calls[:-1]}
     assert by_out["runs/cifar10@250-layermatch-s0"].endswith("--resume --device cpu")
     assert by_out["runs/cifar10@4000-layermatch-s0"].endswith("--overwrite --device cpu")
-    assert by_out["runs/cifar100@400-fixmatch-s0"] == (
+    assert by_out["runs/cifar100@400-fixmatch-s0"] == (  # a folder of its own first (no checkpoint: --overwrite)
         "layermatch.py --dataset cifar100 --labels 400 --algorithm fixmatch --seed 0 --out runs/cifar100@400-fixmatch-s0 "
-        "--device cpu")
+        "--overwrite --device cpu")
+    # the stand-in writes no summary.json, so every run it "trained" is reported unfinished after the table
+    assert r.returncode == 2 and r.stderr.strip() == "run_cifar.sh: error: 11 of 12 runs did not finish: " + " ".join(
+        f"runs/{d}@{n}-{a}-s0" for a in ("layermatch", "fixmatch") for d, n in
+        (("cifar10", 40), ("cifar10", 250), ("cifar10", 4000), ("cifar100", 400), ("cifar100", 2500),
+         ("cifar100", 10000)) if (d, n, a) != ("cifar10", 40, "layermatch"))
+
+
+def test_run_cifar_sweeps_the_ablations_on_digits_two_at_a_time(tmp_path):
+    """The issue's command, trained for real: 6 runs with RUNS=, JOBS=2 and the extra arguments, then all skipped."""
+    run = sweep(tmp_path, python=None)
+    env = dict(RUNS="digits@10", SEEDS="0 1", ALGORITHMS="layermatch gradrelu avgclustering", JOBS="2")
+    r = run("--steps", "4", "--eval-every", "2", "--device", "cpu", timeout=300, **env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    outs = [f"runs/digits@10-{a}-s{s}" for s in (0, 1) for a in ("layermatch", "gradrelu", "avgclustering")]
+    for out in outs:
+        assert f"started: {out} (log: {out}/log.txt)" in r.stdout and f"finished: {out}" in r.stdout
+        assert "done: test accuracy" in (tmp_path / out / "log.txt").read_text()  # its output, not the terminal's
+        cfg = json.loads((tmp_path / out / "config.json").read_text())
+        assert (cfg["steps"], cfg["eval_every"], cfg["device"]) == (4, 2, "cpu")
+        assert (cfg["grad_relu"], cfg["lambda_ac"]) == {"layermatch": ("zero", 1), "gradrelu": ("zero", 0),
+                                                        "avgclustering": ("off", 1)}[cfg["algorithm"]]
+    table = r.stdout.split("(mean of the best)\n")[1].splitlines()
+    assert table[0].split("|")[1].strip() == "digits@10"
+    assert sorted(line.split()[0] for line in table[2:]) == ["avgclustering", "gradrelu", "layermatch"]
+    assert all(line.endswith("n=2") for line in table[2:])
+    again = run("--steps", "4", "--eval-every", "2", "--device", "cpu", **env)
+    assert again.returncode == 0 and "started" not in again.stdout
+    assert all(f"finished, skipped: {out}" in again.stdout for out in outs)
+
+
+PARALLEL_PYTHON = """#!/bin/sh
+if [ "$1" = -c ]; then printf '{probe}\\n'; exit; fi
+log="$(dirname "$0")/calls.log"
+out=$(echo "$@" | sed 's/.*--out \\([^ ]*\\).*/\\1/')
+case "$*" in *--table*) exit;; esac
+trap 'kill $!; sleep 0.5; echo "stopped $out" >> "$log"; exit 143' TERM  # a checkpoint takes a while
+echo "start $out ${{CUDA_VISIBLE_DEVICES:-none}} $OMP_NUM_THREADS" >> "$log"
+echo "training $out"
+for i in $(seq 600); do [ $(grep -c ^start "$log") -ge 2 ] && break; sleep 0.05; done  # both runs at once
+[ $(grep -c ^start "$log") -ge 2 ] || exit 1
+[ -n "$HOLD" ] && {{ sleep 60 & wait $!; }}  # until the test interrupts the sweep
+echo "end $out" >> "$log"; echo '{{}}' > "$out/summary.json"
+"""
+
+
+@pytest.mark.parametrize("gpus, visible, expect", [(0, None, ["none 1", "none 1"]), (2, None, ["0 4", "1 4"]),
+                                                   (2, "3,5", ["3 4", "5 4"]), (1, None, ["0 4", "0 4"])])
+def test_run_cifar_jobs_run_at_once_on_a_gpu_or_share_of_the_cores_each(tmp_path, gpus, visible, expect):
+    run = sweep(tmp_path, PARALLEL_PYTHON, gpus, cores=2 if gpus == 0 else 8)
+    r = run(RUNS="cifar10@40 cifar10@250", SEEDS="0", JOBS="2", **({"CUDA_VISIBLE_DEVICES": visible} if visible else {}))
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = (tmp_path / "bin" / "calls.log").read_text().splitlines()
+    starts = sorted(c.split(" ", 2)[2] for c in calls if c.startswith("start "))
+    assert starts == expect and sum(c.startswith("end ") for c in calls) == 2  # the stand-in waits for both
+    for out in ("runs/cifar10@40-layermatch-s0", "runs/cifar10@250-layermatch-s0"):
+        assert (tmp_path / out / "log.txt").read_text() == f"training {out}\n" and f"training {out}" not in r.stdout
+        assert f"finished: {out}" in r.stdout
+
+
+@pytest.mark.parametrize("whom", ["script", "group"])  # kill(script) or, as Ctrl-C in a terminal, its process group
+def test_run_cifar_interrupted_stops_every_job_after_it_saved(tmp_path, whom):
+    run, log = sweep(tmp_path, PARALLEL_PYTHON), tmp_path / "bin" / "calls.log"
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:  # not pipes: the jobs hold them
+        p = run(popen=dict(stdout=out, stderr=err, start_new_session=True), RUNS="cifar10@40 cifar10@250 cifar10@4000",
+                SEEDS="0", JOBS="2", HOLD="1")
+    deadline = time.monotonic() + 60
+    while not (log.exists() and log.read_text().count("start ") == 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGINT) if whom == "script" else os.killpg(p.pid, signal.SIGINT)
+    p.wait(timeout=60)  # the script's exit, not its jobs': they must have saved by then
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert p.returncode == 130 and stderr.strip().endswith("interrupted: each run stopped at a checkpoint; the same "
+                                                           "command continues them"), stdout + stderr
+    calls = log.read_text().splitlines()
+    assert sorted(c.split()[0] for c in calls) == ["start", "start", "stopped", "stopped"]  # saved; no third run
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(RUNS="mnist@10"), "unknown dataset 'mnist' in RUNS entry 'mnist@10' (choose from cifar10 cifar100 "),
+    (dict(RUNS="cifar10@40 digits"), "RUNS entry 'digits' is not dataset@labels (labels >= 1), e.g. cifar10@40"),
+    (dict(RUNS="digits@0"), "RUNS entry 'digits@0' is not dataset@labels"),
+    (dict(ALGORITHMS="fixmatch meanteacher"), "unknown algorithm 'meanteacher' in ALGORITHMS (choose from layermatch "),
+    (dict(JOBS="0"), "JOBS must be a positive integer (got '0')"), (dict(JOBS="two"), "JOBS must be a positive "),
+    (dict(SEEDS="0 one"), "SEEDS entry 'one' is not a seed")])
+def test_run_cifar_refuses_a_bad_grid_before_any_run(tmp_path, env, message):
+    r = sweep(tmp_path)("--device", "cpu", **env)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("run_cifar.sh: error: " +
+                                                                                         message), r.stderr
+    assert not (tmp_path / "bin" / "calls.log").exists() and not (tmp_path / "runs").exists()
 
 
 def strict_json(text):
