@@ -194,8 +194,7 @@ def resolve(cfg: Config, user_data: bool) -> Config:
         if getattr(cfg, name) < lo:
             raise UserError(f"--{name.replace('_', '-')} must be at least {lo} (got {getattr(cfg, name)})")
     checks = [(0 < cfg.threshold <= 1, "--threshold must be in (0, 1]"), (cfg.lr > 0, "--lr must be positive"),
-              (0 <= cfg.ema < 1, "--ema must be in [0, 1)"),
-              (0 <= cfg.ac_momentum < 1, "--ac-momentum must be in [0, 1)"),
+              (0 <= cfg.ema < 1 and 0 <= cfg.ac_momentum < 1, "--ema and --ac-momentum must be in [0, 1)"),
               (cfg.weight_decay >= 0 and cfg.lambda_u >= 0 and cfg.lambda_ac >= 0, "weights and decays must be >= 0"),
               (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0, "--depth must be 6n+4 with n >= 1 (e.g. 28)"),
               (cfg.stop_at >= 0 and cfg.checkpoint_minutes >= 0, "--stop-at and --checkpoint-minutes must be >= 0"),

@@ -26,9 +26,10 @@ read -r -a algorithms <<< "${ALGORITHMS:-layermatch}"
 jobs=${JOBS:-1} extra=("$@")
 
 # Every entry is checked before any run starts, against layermatch.py's own tables.
-{ read -r gpus cores; read -r datasets; read -r known; } <<< "$(python -c 'import os, torch, layermatch as m
+probe=$(python -c 'import os, torch, layermatch as m
 print(torch.cuda.device_count(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-print(*m.DATASET_DEFAULTS); print(*m.ALGORITHM_DEFAULTS)')"
+print(*m.DATASET_DEFAULTS); print(*m.ALGORITHM_DEFAULTS)')
+{ read -r gpus cores; read -r datasets; read -r known; } <<< "$probe"
 error() { echo "run_cifar.sh: error: $*" >&2; exit 2; }
 [[ $jobs =~ ^[1-9][0-9]*$ ]] || error "JOBS must be a positive integer (got '$jobs')"
 for seed in "${seeds[@]}"; do [[ $seed =~ ^[0-9]+$ ]] || error "SEEDS entry '$seed' is not a seed (0, 1, ...)"; done
@@ -73,15 +74,16 @@ train() {  # train RUN ALGORITHM SEED OUT SLOT: skip, resume or start one run; >
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / jobs > 1 ? cores / jobs : 1 ))} "${cmd[@]}" >> "$out/log.txt" 2>&1 &
   fi
   wait $! || status=$?
-  if (( status == 0 )); then echo "finished: $out"; else echo "failed (exit $status): $out"; fi
-  return $(( status > 128 ? status : 0 ))
+  if (( status == 0 )); then echo "finished: $out"
+  elif (( status > 128 )); then echo "interrupted: $out"; return $status
+  else echo "failed (exit $status): $out"; fi      # and the sweep goes on
 }
 
-# Ctrl-C: every run gets one TERM, saves its checkpoint and stops; a second Ctrl-C kills them (layermatch.py's rule).
+# Ctrl-C: every run gets one TERM, saves its checkpoint and stops (a second Ctrl-C kills at once: layermatch.py's rule).
 worker() {  # slot $1: every run, in order, that no other slot has claimed (mkdir is atomic); stops when interrupted
   trap 'trap "" INT TERM; kill -TERM $(jobs -p) 2> /dev/null || true; wait; exit 143' INT TERM
   for i in "${!todo[@]}"; do
-    if mkdir "$claims/$i" 2> /dev/null; then train ${todo[$i]} "$1" || exit; fi
+    if mkdir "$claims/$i" 2> /dev/null; then train ${todo[$i]} "$1" || exit; fi  # (the entry split into 4 words)
   done
 }
 claims=$(mktemp -d)

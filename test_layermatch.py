@@ -2274,7 +2274,8 @@ echo "end $out" >> "$log"; echo '{{}}' > "$out/summary.json"
                                                    (2, "3,5", ["3 4", "5 4"]), (1, None, ["0 4", "0 4"])])
 def test_run_cifar_jobs_run_at_once_on_a_gpu_or_share_of_the_cores_each(tmp_path, gpus, visible, expect):
     run = sweep(tmp_path, PARALLEL_PYTHON, gpus, cores=2 if gpus == 0 else 8)
-    r = run(RUNS="cifar10@40 cifar10@250", SEEDS="0", JOBS="2", **({"CUDA_VISIBLE_DEVICES": visible} if visible else {}))
+    gpus_set = {"CUDA_VISIBLE_DEVICES": visible} if visible else {}
+    r = run(RUNS="cifar10@40 cifar10@250", SEEDS="0", JOBS="2", **gpus_set)
     assert r.returncode == 0, r.stdout + r.stderr
     calls = (tmp_path / "bin" / "calls.log").read_text().splitlines()
     starts = sorted(c.split(" ", 2)[2] for c in calls if c.startswith("start "))
