@@ -2185,16 +2185,16 @@ echo "$@" >> "$(dirname "$0")/calls.log"
 
 def sweep(tmp_path, python=FAKE_PYTHON, gpus=0, cores=2):
     """A copy of run_cifar.sh whose `python` is this interpreter (python=None) or a stand-in (a template) that answers
-    the script's question with gpus, cores and layermatch.py's choices. Returns run(*args, timeout, Popen, **env)."""
+    the script's question with gpus, cores and layermatch.py's choices. Returns run(*args, timeout, popen, **env)."""
     shutil.copy(os.path.join(HERE, "run_cifar.sh"), tmp_path)
     (tmp_path / "bin").mkdir()
-    if python is None:
+    if python is None:  # (a script, not a link: a link outside a virtualenv's bin/ would leave the virtualenv)
         shutil.copy(os.path.join(HERE, "layermatch.py"), tmp_path)
-        os.symlink(sys.executable, tmp_path / "bin" / "python")
+        (tmp_path / "bin" / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     else:
         choices = f"{' '.join(lm.DATASET_DEFAULTS)}\\n{' '.join(lm.ALGORITHM_DEFAULTS)}"
         (tmp_path / "bin" / "python").write_text(python.format(probe=f"{gpus} {cores}\\n{choices}"))
-        (tmp_path / "bin" / "python").chmod(0o755)
+    (tmp_path / "bin" / "python").chmod(0o755)
 
     def run(*args, timeout=120, popen=None, **env):
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")} | dict(
