@@ -1050,7 +1050,7 @@ def prepare_out(cfg: Config, restarted: bool = False):
     except OSError as e:
         raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
 
-BOOKKEEPING = ("resume", "overwrite", "stop_at", "checkpoint_minutes", "tensorboard")  # a resume may change them
+BOOKKEEPING = ("out", "resume", "overwrite", "stop_at", "checkpoint_minutes", "tensorboard")  # a resume may change them
 
 def check_resumable(cfg: Config, saved: dict):
     """A resume is the same experiment, network and images (SAME_RUN); other changes are reported."""
@@ -1117,15 +1117,15 @@ def rank_zero_first(group, rank: int, work):
     group, whose timeout is a day (longer than a first download). An error stops every rank."""
     if group is None:
         return work(True)
-    result, world = None, dist.get_world_size(group)
-    for turn in ("rank 0", "the others"):
+    result = None
+    for first in (True, False):
         error = None
-        if (rank == 0) == (turn == "rank 0"):
+        if (rank == 0) == first:
             try:
-                result = work(rank == 0)
+                result = work(first)
             except Exception as e:
                 error = e
-        errors = [None] * world
+        errors = [None] * dist.get_world_size(group)
         dist.all_gather_object(errors, error and (str(error) or type(error).__name__), group=group)
         if error:
             raise error
@@ -1133,6 +1133,30 @@ def rank_zero_first(group, rank: int, work):
         if failed:
             raise UserError(f"stopped because rank {failed[0]} failed: {failed[1]}")
     return result
+
+def tensors_as(o, leaf):
+    """o with each tensor t in it replaced by leaf(t), in one fixed order (through dicts, lists and tuples)."""
+    if isinstance(o, dict):
+        return {k: tensors_as(v, leaf) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return type(o)(tensors_as(v, leaf) for v in o)
+    return leaf(o) if isinstance(o, torch.Tensor) else o
+
+def from_rank_zero(group, rank: int, work):
+    """work() on rank 0 alone (the output folder is rank 0's: another node may have none), its result on every rank:
+    pickled with each tensor as its shape, then the tensors one by one into place, so that no process holds a second
+    copy of a checkpoint. An error on rank 0 stops every rank, in one line each."""
+    result = rank_zero_first(group, rank, lambda first: work() if first else None)
+    if group is None:
+        return result
+    box = [tensors_as(result, lambda t: t.to("meta"))]
+    dist.broadcast_object_list(box, src=0, group=group)
+
+    def send(t):  # as bytes: gloo takes any dtype so; reshape copies only a non-contiguous tensor of rank 0's
+        t = t if rank == 0 else torch.empty(t.shape, dtype=t.dtype)
+        dist.broadcast(t.reshape(-1).view(torch.uint8), src=0, group=group)
+        return t
+    return tensors_as(result if rank == 0 else box[0], send)
 
 def all_reduce(*tensors):
     if dist.is_initialized():
@@ -1175,6 +1199,7 @@ class State:
     started: float = field(default_factory=time.time)
     saved_step: int | None = None  # the step of the checkpoint on disk, and when this process last wrote or found it
     saved_at: float = field(default_factory=time.monotonic)
+    world_sizes: list = field(default_factory=list)  # the process counts the run has had, in order
 
 def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
     mine = (s.gen.get_state(), s.stats.cpu(), s.batches.sampler_state())
@@ -1185,7 +1210,8 @@ def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
         state = dict(model=s.model.state_dict(), ema=s.ema.state_dict(), optimizer=s.optimizer.state_dict(),
                      scaler=s.scaler.state_dict(), generators=[r[0] for r in ranks], stats=[r[1] for r in ranks],
                      samplers=[r[2] for r in ranks], centres=s.centres, seen=s.seen, step=s.step, history=s.history,
-                     seconds=s.seconds + time.time() - s.started, config=dataclasses.asdict(cfg), inputs=s.inputs)
+                     seconds=s.seconds + time.time() - s.started, config=dataclasses.asdict(cfg), inputs=s.inputs,
+                     world_sizes=s.world_sizes)
         atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda fh: torch.save(state, fh))
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(s.history[0]) if s.history else ["step"], lineterminator="\n")
@@ -1208,35 +1234,41 @@ def read_checkpoint(out: str) -> dict:
                         "it was left untouched: move it away or start again with --overwrite") from None
 
 def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
-    if len(ck["generators"]) != world:
-        raise UserError(f"cannot resume: the checkpoint is from {len(ck['generators'])} processes, this has {world}")
+    """ck into s, then emptied (one copy of the weights in memory). On the process count that wrote it every stream
+    continues exactly; on another the global batch and the schedule stay, and each process's augmentation and
+    sampling start again from the seed, the step and the rank."""
     for k in ("model", "ema", "optimizer"):
         getattr(s, k).load_state_dict(ck[k])
     if s.scaler.is_enabled() and ck["scaler"]:
         s.scaler.load_state_dict(ck["scaler"])
-    if "samplers" in ck:  # since v3; the sampler is a CPU generator, the same on every device
+    n = len(ck["generators"])
+    s.world_sizes = ck.get("world_sizes", [n]) + [world] * (n != world)  # recorded since v5
+    if n == world and "samplers" in ck and ck["generators"][rank].shape == s.gen.get_state().shape:
         s.batches.sampler.set_state(ck["samplers"][rank])
-    if ck["generators"][rank].shape == s.gen.get_state().shape and "samplers" in ck:
         s.gen.set_state(ck["generators"][rank])
-    else:  # CUDA and CPU generators have different states: continue, but say that the stream changes
+    else:  # another count (other shares of the batch), device type (CUDA and CPU generators differ), older file
         s.gen.manual_seed(cfg.seed + 1_000_003 * rank + ck["step"])
-        print("note: the checkpoint was written on another device type or by an older layermatch.py; augmentation "
-              "continues from a new seed, so this run will not match an uninterrupted one bit for bit", file=sys.stderr)
+        s.batches.sampler.manual_seed((cfg.seed + 1_000_003 * rank + ck["step"]) ^ SAMPLER_SEED)
+        why = f"is from {n} processes, this run has {world}" if n != world else "was written on another device " \
+            "type or by an older layermatch.py"
+        if rank == 0:
+            print(f"note: the checkpoint {why}; augmentation and sampling continue from new seeds, so this run will "
+                  "not match an uninterrupted one bit for bit", file=sys.stderr)
     s.centres.copy_(ck["centres"])
     s.seen.copy_(ck["seen"])
-    s.stats.copy_(ck["stats"][rank] if isinstance(ck["stats"], list) else ck["stats"])  # a list since v3
+    stats = torch.stack(ck["stats"]) if isinstance(ck["stats"], list) else ck["stats"][None]  # a list since v3
+    s.stats.copy_(stats[rank] if n == world else stats.mean(0))  # another count: the mean that the log shows
     s.step, s.history, s.seconds, s.saved_step = ck["step"], ck["history"], ck["seconds"], ck["step"]
+    ck.clear()
 
-def resume_point(cfg: Config, restarted: bool, rank: int) -> tuple:
-    """What this start continues: (cfg, checkpoint, summary of a finished run). --resume reads the checkpoint; so does
-    a torchrun restart once one exists, never re-applying --overwrite; a restart before it starts again."""
-    if restarted:
-        found = os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
-        cfg = dataclasses.replace(cfg, resume=cfg.resume or found, overwrite=False)  # a --resume still needs one
-        if rank == 0 and not cfg.resume:
-            print("note: restarted before the first checkpoint; training starts again from step 0", file=sys.stderr)
-    if not cfg.resume:
-        return cfg, None, None
+def resume_point(cfg: Config, restarted: bool) -> tuple:
+    """What this start continues, read by rank 0 alone: (--resume, checkpoint, summary of a finished run). --resume
+    reads the checkpoint; so does a torchrun restart once one exists; a restart before it starts again."""
+    resume = cfg.resume or restarted and os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
+    if restarted and not resume:
+        print("note: restarted before the first checkpoint; training starts again from step 0", file=sys.stderr)
+    if not resume:
+        return resume, None, None
     try:
         with open(os.path.join(cfg.out, "summary.json")) as fs, open(os.path.join(cfg.out, "config.json")) as fc:
             done, saved = json.load(fs), json.load(fc)
@@ -1244,13 +1276,12 @@ def resume_point(cfg: Config, restarted: bool, rank: int) -> tuple:
         done = {}  # not finished (or its summary is unreadable: resuming rewrites it)
     if done.get("finished") and done.get("steps") == cfg.steps:  # a finished run is left as it is
         check_resumable(cfg, saved)  # the same experiment, or an error naming the difference
-        if rank == 0:
-            print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to do, no file changed", file=sys.stderr)
-            report(done, cfg.out)
-        return cfg, None, done
+        print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to do, no file changed", file=sys.stderr)
+        report(done, cfg.out)
+        return resume, None, done
     ck = read_checkpoint(cfg.out)
     check_resumable(cfg, ck["config"])  # before anything is loaded or written
-    return cfg, ck, None
+    return resume, ck, None
 
 @contextlib.contextmanager
 def signals_to_flag():
@@ -1396,7 +1427,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     SummaryWriter = tensorboard_writer() if cfg.tensorboard else None
     rank, world, device, gloo, restarted = setup_processes(cfg)
     cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
-    cfg, ck, done = resume_point(cfg, restarted, rank)
+    resume, ck, done = from_rank_zero(gloo, rank, lambda: resume_point(cfg, restarted))
+    cfg = dataclasses.replace(cfg, resume=resume, overwrite=cfg.overwrite and not restarted)  # never re-applied
     if done:
         return done
     if rank == 0 and default_recipe and cfg.dataset == "folder":
@@ -1438,7 +1470,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
               torch.Generator(device).manual_seed(cfg.seed + 1_000_003 * rank),
               Batches(D, B, uB, device, cfg.seed + 1_000_003 * rank), centres,
               torch.zeros(D["num_classes"], dtype=torch.bool, device=device), torch.zeros(len(STATS), device=device),
-              D["inputs"])
+              D["inputs"], world_sizes=[world])
     if ck:
         restore_checkpoint(s, ck, cfg, world, rank)
         if restarted and rank == 0:
@@ -1500,7 +1532,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
 
 def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batch) -> dict:
     """summary.json: the FixMatch paper's median of the last 20 evaluations, the best and the final one."""
-    summary = dict(steps=s.step, finished=s.step == cfg.steps, device=str(device), world_size=world,
+    summary = dict(steps=s.step, finished=s.step == cfg.steps, device=str(device), world_sizes=s.world_sizes,
                    train_seconds=round(s.seconds + time.time() - s.started, 1), steps_per_second=steps_per_second)
     if summary["finished"]:
         accs, centre = [h["test_acc"] for h in s.history], [h["centre_acc"] for h in s.history]
@@ -1576,7 +1608,7 @@ def evaluate_run(cfg: Config):
     return accs
 
 # What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment
-NOT_IN_TABLE = BOOKKEEPING + ("seed", "out", "data_dir", "device", "precision", "channels_last", "compile", "evaluate",
+NOT_IN_TABLE = BOOKKEEPING + ("seed", "data_dir", "device", "precision", "channels_last", "compile", "evaluate",
                               "table")
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 

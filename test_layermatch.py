@@ -1397,7 +1397,16 @@ def ddp_run(tmp_path_factory):
     return tmp_path
 
 
-def test_torchrun_two_processes(ddp_run, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_stopped(tmp_path_factory):
+    """The 2-process run of ddp_run stopped at step 6 (between two evaluations): copy it before resuming it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    r = torchrun(*DDP_ARGS, "--stop-at", 6, out=out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_torchrun_two_processes(ddp_run, ddp_stopped, tmp_path):
     spies = [json.load(open(ddp_run / f"{rank}.json")) for rank in (0, 1)]
     assert [s["evaluations"] for s in spies] == [3, 0]  # rank 0 alone evaluates
     # each rank draws its own batches: the sampler is a CPU generator, whose stream is the same on every machine
@@ -1407,16 +1416,81 @@ def test_torchrun_two_processes(ddp_run, tmp_path):
         per_rank = [statistics.mean(s["masks"][4 * i:4 * i + 4]) for s in spies]
         assert float(row["mask_rate"]) == pytest.approx(statistics.mean(per_rank))
     summary = json.load(open(ddp_run / "ddp" / "summary.json"))
-    assert summary["world_size"] == 2 and summary["rank_spread"] == 0.0  # weights, EMA and centres agree
+    assert summary["world_sizes"] == [2] and summary["rank_spread"] == 0.0  # weights, EMA and centres agree
     assert summary["batch_per_rank"] == [[4, 8], [4, 8]]  # global B=8, muB=16, split in half
     assert sorted(os.listdir(ddp_run / "ddp")) == ["checkpoint.pt", "config.json", "metrics.csv", "summary.json"]
     assert open(ddp_run / "ddp" / "metrics.csv").read().count("\n") == 1 + 3  # header + one row per evaluation
     assert (ddp_run / "output.txt").read_text().count("| test acc") == 3  # rank 0 alone reports
     # stop half-way and resume under torchrun: the same result as the straight run, and no note of a change
-    assert torchrun(*DDP_ARGS, "--stop-at", 6, out=tmp_path / "split").returncode == 0
+    shutil.copytree(ddp_stopped, tmp_path / "split")
     r = torchrun(*DDP_ARGS, "--resume", out=tmp_path / "split")
     assert r.returncode == 0 and "note:" not in r.stderr, r.stderr[-3000:]
     assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt")
+
+
+ANOTHER_COUNT = "note: the checkpoint is from {} processes, this run has {}; augmentation and sampling continue"
+
+
+def test_a_checkpoint_continues_on_another_process_count(ddp_stopped, tmp_path, capsys):
+    """2 -> 1 and 1 -> 2 processes: the same global batch and schedule, new streams (said once), both finish and
+    record the counts they had."""
+    shutil.copytree(ddp_stopped, tmp_path / "shrunk")
+    lm.main(list(map(str, (*TINY, *DDP_ARGS, "--device", "cpu", "--out", tmp_path / "shrunk", "--resume"))))
+    assert capsys.readouterr().err.count(ANOTHER_COUNT.format(2, 1)) == 1
+    lm.main(list(map(str, (*TINY, *DDP_ARGS, "--device", "cpu", "--out", tmp_path / "grown", "--stop-at", 6))))
+    r = torchrun(*DDP_ARGS, "--resume", out=tmp_path / "grown")
+    assert r.returncode == 0 and r.stderr.count(ANOTHER_COUNT.format(1, 2)) == 1, r.stderr[-3000:]  # rank 0's
+    for out, sizes in (("shrunk", [2, 1]), ("grown", [1, 2])):
+        summary = json.load(open(tmp_path / out / "summary.json"))
+        assert summary["finished"] and summary["world_sizes"] == sizes and summary["evaluations"] == 3
+        assert weights(tmp_path / out)["world_sizes"] == sizes
+
+
+def test_another_process_count_that_does_not_divide_the_batch_is_refused(ddp_stopped, tmp_path, monkeypatch):
+    before = {f: (ddp_stopped / f).read_bytes() for f in os.listdir(ddp_stopped)}
+    torchrun_worker(monkeypatch, WORLD_SIZE=3, RANK=0, LOCAL_RANK=0, LOCAL_WORLD_SIZE=3)
+    with pytest.raises(SystemExit, match=r"^layermatch.py: error: --batch-size 8 is global and must divide by the 3 "):
+        lm.main(list(map(str, (*TINY, *DDP_ARGS, "--device", "cpu", "--out", ddp_stopped, "--resume"))))
+    assert {f: (ddp_stopped / f).read_bytes() for f in os.listdir(ddp_stopped)} == before
+
+
+def test_nodes_without_a_shared_folder(ddp_run, tmp_path):
+    """Two "nodes" on this machine, each in a folder of its own with --out run: node 0's rank reads and writes the
+    run, and sends the checkpoint to node 1's, whose folder stays empty. Stopped at step 6 and resumed, the run is
+    bit-identical to the uninterrupted one in a single folder."""
+    for args in (("--stop-at", 6), ("--resume",)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        nodes = []
+        for node in (0, 1):
+            os.makedirs(tmp_path / f"node{node}", exist_ok=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1, "--node-rank",
+                   node, "--master-addr", "127.0.0.1", "--master-port", port, os.path.join(HERE, "layermatch.py"),
+                   *TINY, "--device", "cpu", "--out", "run", *DDP_ARGS, *args]
+            nodes.append(subprocess.Popen(list(map(str, cmd)), cwd=tmp_path / f"node{node}", text=True,
+                                          env=dict(os.environ, OMP_NUM_THREADS="1"),  # as ddp_run's workers
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert os.listdir(tmp_path / "node1") == []
+    assert (tmp_path / "node0" / "run" / "metrics.csv").read_text() == (ddp_run / "ddp" / "metrics.csv").read_text()
+    assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "node0" / "run" / "checkpoint.pt")
+
+
+def test_a_checkpoint_rank_0_cannot_read_stops_every_rank_in_one_line(ddp_stopped, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(ddp_stopped, out)
+    (out / "checkpoint.pt").write_bytes((ddp_stopped / "checkpoint.pt").read_bytes()[:5000])  # truncated
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    r = torchrun(*DDP_ARGS, "--resume", out=out, launcher=("--log-dir", tmp_path / "logs", "--redirects", 2))
+    logs = [open(glob.glob(str(tmp_path / "logs" / "*" / "attempt_0" / str(rank) / "stderr.log"))[0]).read()
+            for rank in (0, 1)]
+    corrupt = f"checkpoint '{out / 'checkpoint.pt'}' is truncated or corrupt"
+    assert r.returncode != 0 and logs[0].startswith(f"layermatch.py: error: {corrupt}") and \
+        logs[1].startswith(f"layermatch.py: error: stopped because rank 0 failed: {corrupt}"), logs
+    assert [log.count("\n") for log in logs] == [1, 1]
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
 KILLED_AT_THE_SECOND_CHECKPOINT = """
@@ -1529,7 +1603,7 @@ def test_torchrun_waits_for_a_slow_first_download(tmp_path):
            *map(str, (*TINY, "--device", "cpu", "--steps", 2, "--eval-every", 2, "--out", tmp_path / "run"))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.load(open(tmp_path / "run" / "summary.json"))["world_size"] == 2
+    assert json.load(open(tmp_path / "run" / "summary.json"))["world_sizes"] == [2]
 
 
 def test_torchrun_stops_every_rank_when_rank_0_cannot_load(tmp_path):
