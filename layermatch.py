@@ -1035,9 +1035,9 @@ def atomic_write(path, write):
 def write_text(path, text):
     atomic_write(path, lambda fh: fh.write(text.encode()))
 
-def prepare_out(cfg: Config, restarted: bool = False):
-    """The output folder: never silently reused or clobbered (a torchrun restart reuses the folder it started)."""
-    if not (cfg.resume or restarted) and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
+def prepare_out(cfg: Config):
+    """The output folder: never silently reused or clobbered."""
+    if not cfg.resume and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise UserError(f"output folder '{cfg.out}' exists: add --resume to continue it or --overwrite to replace it")
     try:
         if cfg.overwrite:
@@ -1046,9 +1046,17 @@ def prepare_out(cfg: Config, restarted: bool = False):
                     os.remove(os.path.join(cfg.out, name))
             shutil.rmtree(os.path.join(cfg.out, "tb"), ignore_errors=True)  # the old run's curves
         os.makedirs(cfg.out, exist_ok=True)
-        write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
+        config = dataclasses.asdict(cfg) | dict(torchrun_job=os.environ.get("TORCHELASTIC_RUN_ID", "none"))
+        write_text(os.path.join(cfg.out, "config.json"), json.dumps(config, indent=2))
     except OSError as e:
         raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}  # absent or unreadable
 
 BOOKKEEPING = ("out", "resume", "overwrite", "stop_at", "checkpoint_minutes", "tensorboard")  # a resume may change them
 
@@ -1262,26 +1270,31 @@ def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
     ck.clear()
 
 def resume_point(cfg: Config, restarted: bool) -> tuple:
-    """What this start continues, read by rank 0 alone: (--resume, checkpoint, summary of a finished run). --resume
-    reads the checkpoint; so does a torchrun restart once one exists; a restart before it starts again."""
-    resume = cfg.resume or restarted and os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
-    if restarted and not resume:
-        print("note: restarted before the first checkpoint; training starts again from step 0", file=sys.stderr)
-    if not resume:
-        return resume, None, None
-    try:
-        with open(os.path.join(cfg.out, "summary.json")) as fs, open(os.path.join(cfg.out, "config.json")) as fc:
-            done, saved = json.load(fs), json.load(fc)
-    except (OSError, ValueError):
-        done = {}  # not finished (or its summary is unreadable: resuming rewrites it)
+    """What this start continues, read by rank 0 alone: (--resume and --overwrite, checkpoint, summary of a finished
+    run). --resume reads the checkpoint; so does a restart once one exists (a restart before it starts again), never
+    re-applying --overwrite. A start of the torchrun job that wrote config.json is a restart too: torchrun does not
+    count the restart it makes for a node that joins (--nnodes MIN:MAX)."""
+    saved, done = (read_json(os.path.join(cfg.out, name)) for name in ("config.json", "summary.json"))
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun --standalone: new for every launch
+    restarted = restarted or job != "none" and saved.get("torchrun_job") == job
+    found = os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
+    if restarted and not found:
+        print(f"note: restarted, and '{cfg.out}' holds no checkpoint: training starts again from step 0",
+              file=sys.stderr)
+    changes = dict(resume=cfg.resume or restarted and found, overwrite=restarted and not found or
+                   cfg.overwrite and not restarted)  # a restart replaces only a folder without a checkpoint
+    if not changes["resume"]:
+        return changes, None, None
     if done.get("finished") and done.get("steps") == cfg.steps:  # a finished run is left as it is
         check_resumable(cfg, saved)  # the same experiment, or an error naming the difference
         print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to do, no file changed", file=sys.stderr)
         report(done, cfg.out)
-        return resume, None, done
+        return changes, None, done
     ck = read_checkpoint(cfg.out)
     check_resumable(cfg, ck["config"])  # before anything is loaded or written
-    return resume, ck, None
+    if restarted:
+        print(f"resumed at step {ck['step']} after a restart", file=sys.stderr)
+    return changes, ck, None
 
 @contextlib.contextmanager
 def signals_to_flag():
@@ -1427,8 +1440,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     SummaryWriter = tensorboard_writer() if cfg.tensorboard else None
     rank, world, device, gloo, restarted = setup_processes(cfg)
     cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
-    resume, ck, done = from_rank_zero(gloo, rank, lambda: resume_point(cfg, restarted))
-    cfg = dataclasses.replace(cfg, resume=resume, overwrite=cfg.overwrite and not restarted)  # never re-applied
+    changes, ck, done = from_rank_zero(gloo, rank, lambda: resume_point(cfg, restarted))
+    cfg = dataclasses.replace(cfg, **changes)
     if done:
         return done
     if rank == 0 and default_recipe and cfg.dataset == "folder":
@@ -1454,7 +1467,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             if first:
                 print(f"note: the images are kept in {'host' if on_host else 'device'} memory: {why}", file=sys.stderr)
         if first:
-            prepare_out(cfg, restarted)
+            prepare_out(cfg)
         return d, labeled, net, on_host
     B, uB = cfg.batch_size // world, cfg.uratio * cfg.batch_size // world * (cfg.algorithm != "supervised")
     images_per_step = B + 2 * uB  # this process's share
@@ -1473,8 +1486,6 @@ def train(cfg: Config, data: dict | None = None) -> dict:
               D["inputs"], world_sizes=[world])
     if ck:
         restore_checkpoint(s, ck, cfg, world, rank)
-        if restarted and rank == 0:
-            print(f"resumed at step {s.step} after a restart", file=sys.stderr)
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = torch.compile(model) if cfg.compile else model
 
@@ -1608,8 +1619,8 @@ def evaluate_run(cfg: Config):
     return accs
 
 # What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment
-NOT_IN_TABLE = BOOKKEEPING + ("seed", "data_dir", "device", "precision", "channels_last", "compile", "evaluate",
-                              "table")
+NOT_IN_TABLE = BOOKKEEPING + ("torchrun_job", "seed", "data_dir", "device", "precision", "channels_last", "compile",
+                              "evaluate", "table")
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 
 def short_names(paths: set) -> dict:

@@ -741,6 +741,22 @@ def test_a_restart_before_the_first_checkpoint_starts_again(tmp_path, monkeypatc
     assert json.load(open(out / "config.json"))["steps"] == 4
 
 
+def test_a_start_of_the_same_torchrun_job_is_a_restart_though_torchrun_does_not_count_it(tmp_path, monkeypatch, capsys):
+    """torchrun restarts the group for a node that joins (--nnodes MIN:MAX) without counting a restart: the job's id in
+    config.json tells that start from a new job's, so the command's --overwrite is not applied again."""
+    out = tmp_path / "run"
+    command = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=8, eval_every=4, out=str(out),
+                   overwrite=True)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    lm.train(lm.Config(**command, stop_at=4))
+    lm.train(lm.Config(**command))  # the same job started again
+    assert "resumed at step 4 after a restart" in capsys.readouterr().err
+    assert [h["step"] for h in weights(out)["history"]] == [4, 8]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")  # another job: --overwrite starts afresh
+    lm.train(lm.Config(**command, stop_at=4))
+    assert [h["step"] for h in weights(out)["history"]] == [4] and not (out / "summary.json").exists()
+
+
 def test_a_checkpoint_also_every_ten_minutes(tmp_path, monkeypatch):
     """Decided at the loop's exchange every LOG_EVERY steps; here a clock that is 599 s further at every reading."""
     saved, save = [], lm.save_checkpoint
