@@ -29,13 +29,11 @@ per-image randomness; one forward pass over [labeled, weak, strong] per step, as
 import argparse
 import contextlib
 import copy
-import csv
 import dataclasses
 import datetime
 import functools
 import glob
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -1151,9 +1149,8 @@ def tensors_as(o, leaf):
     return leaf(o) if isinstance(o, torch.Tensor) else o
 
 def from_rank_zero(group, rank: int, work):
-    """work() on rank 0 alone (the output folder is rank 0's: another node may have none), its result on every rank:
-    pickled with each tensor as its shape, then the tensors one by one into place, so that no process holds a second
-    copy of a checkpoint. An error on rank 0 stops every rank, in one line each."""
+    """work() on rank 0 alone (another node may have no output folder), its result on every rank: pickled with tensors
+    as shapes, then the tensors one by one into place (one copy of a checkpoint per process). Errors as above."""
     result = rank_zero_first(group, rank, lambda first: work() if first else None)
     if group is None:
         return result
@@ -1221,11 +1218,8 @@ def save_checkpoint(s: State, cfg: Config, world: int, rank: int):
                      seconds=s.seconds + time.time() - s.started, config=dataclasses.asdict(cfg), inputs=s.inputs,
                      world_sizes=s.world_sizes)
         atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda fh: torch.save(state, fh))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(s.history[0]) if s.history else ["step"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(s.history)
-        write_text(os.path.join(cfg.out, "metrics.csv"), text.getvalue())
+        rows = [list(s.history[0]) if s.history else ["step"]] + [list(map(str, h.values())) for h in s.history]
+        write_text(os.path.join(cfg.out, "metrics.csv"), "".join(",".join(row) + "\n" for row in rows))  # numbers
     s.saved_step, s.saved_at = s.step, time.monotonic()
 
 def read_checkpoint(out: str) -> dict:
@@ -1242,9 +1236,8 @@ def read_checkpoint(out: str) -> dict:
                         "it was left untouched: move it away or start again with --overwrite") from None
 
 def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
-    """ck into s, then emptied (one copy of the weights in memory). On the process count that wrote it every stream
-    continues exactly; on another the global batch and the schedule stay, and each process's augmentation and
-    sampling start again from the seed, the step and the rank."""
+    """ck into s, then emptied (one copy in memory). On the process count that wrote it every stream continues; on
+    another the global batch and schedule stay, and each process's augmentation and sampling are seeded again."""
     for k in ("model", "ema", "optimizer"):
         getattr(s, k).load_state_dict(ck[k])
     if s.scaler.is_enabled() and ck["scaler"]:
@@ -1270,10 +1263,9 @@ def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
     ck.clear()
 
 def resume_point(cfg: Config, restarted: bool) -> tuple:
-    """What this start continues, read by rank 0 alone: (--resume and --overwrite, checkpoint, summary of a finished
-    run). --resume reads the checkpoint; so does a restart once one exists (a restart before it starts again), never
-    re-applying --overwrite. A start of the torchrun job that wrote config.json is a restart too: torchrun does not
-    count the restart it makes for a node that joins (--nnodes MIN:MAX)."""
+    """What this start continues, read by rank 0 alone: (--resume and --overwrite, checkpoint, finished run's summary).
+    A restart (also a start of the torchrun job that wrote config.json: torchrun does not count its restart for a node
+    that joins) resumes the checkpoint, or starts again if there is none, never re-applying --overwrite."""
     saved, done = (read_json(os.path.join(cfg.out, name)) for name in ("config.json", "summary.json"))
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun --standalone: new for every launch
     restarted = restarted or job != "none" and saved.get("torchrun_job") == job
@@ -1539,9 +1531,9 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                 raise Interrupted(stop[0] if stop else signal.SIGTERM, s.step)
             if s.step == cfg.stop_at:
                 break
-    return summarise(s, cfg, world, rank, device, progress.steps_per_second(s.step), (B, uB))
+    return summarise(s, cfg, world, rank, device, progress.steps_per_second(s.step))
 
-def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batch) -> dict:
+def summarise(s: State, cfg: Config, world, rank, device, steps_per_second) -> dict:
     """summary.json: the FixMatch paper's median of the last 20 evaluations, the best and the final one."""
     summary = dict(steps=s.step, finished=s.step == cfg.steps, device=str(device), world_sizes=s.world_sizes,
                    train_seconds=round(s.seconds + time.time() - s.started, 1), steps_per_second=steps_per_second)
@@ -1551,10 +1543,7 @@ def summarise(s: State, cfg: Config, world, rank, device, steps_per_second, batc
                         test_acc_final=accs[-1], evaluations=len(accs),
                         centre_acc_median_last20=statistics.median(centre[-20:]), centre_acc_final=centre[-1])
     if world > 1:
-        batches = [None] * world
-        dist.all_gather_object(batches, list(batch))
-        summary |= dict(batch_per_rank=batches,
-                        rank_spread=rank_spread(list(s.model.parameters()) + list(s.ema.parameters()) + [s.centres]))
+        summary["rank_spread"] = rank_spread(list(s.model.parameters()) + list(s.ema.parameters()) + [s.centres])
         dist.destroy_process_group()
     if rank == 0 and summary["finished"]:
         write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2, allow_nan=False))

@@ -1393,7 +1393,8 @@ def spy_accumulate(stats, loss, terms):  # this process's mask rate at every ste
     return accumulate(stats, loss, terms)
 lm.accumulate = spy_accumulate
 lm.evaluate = lambda *a: evaluations.append(1) or evaluate(*a)
-lm.layermatch_step = lambda model, head, batch, *a: labels.append(batch["y"].tolist()) or step(model, head, batch, *a)
+lm.layermatch_step = lambda model, head, batch, *a: labels.append([batch["y"].tolist(), len(batch["u"])]) or \
+    step(model, head, batch, *a)
 lm.main(sys.argv[1:])
 with open(os.path.join({spies!r}, os.environ["RANK"] + ".json"), "w") as fh:
     json.dump(dict(masks=masks, labels=labels, evaluations=len(evaluations)), fh)
@@ -1433,7 +1434,7 @@ def test_torchrun_two_processes(ddp_run, ddp_stopped, tmp_path):
         assert float(row["mask_rate"]) == pytest.approx(statistics.mean(per_rank))
     summary = json.load(open(ddp_run / "ddp" / "summary.json"))
     assert summary["world_sizes"] == [2] and summary["rank_spread"] == 0.0  # weights, EMA and centres agree
-    assert summary["batch_per_rank"] == [[4, 8], [4, 8]]  # global B=8, muB=16, split in half
+    assert {(len(y), u) for s in spies for y, u in s["labels"]} == {(4, 8)}  # global B=8, muB=16, split in half
     assert sorted(os.listdir(ddp_run / "ddp")) == ["checkpoint.pt", "config.json", "metrics.csv", "summary.json"]
     assert open(ddp_run / "ddp" / "metrics.csv").read().count("\n") == 1 + 3  # header + one row per evaluation
     assert (ddp_run / "output.txt").read_text().count("| test acc") == 3  # rank 0 alone reports
