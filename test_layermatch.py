@@ -1464,11 +1464,13 @@ def test_a_checkpoint_continues_on_another_process_count(ddp_stopped, tmp_path, 
 
 
 def test_another_process_count_that_does_not_divide_the_batch_is_refused(ddp_stopped, tmp_path, monkeypatch):
-    before = {f: (ddp_stopped / f).read_bytes() for f in os.listdir(ddp_stopped)}
+    out = tmp_path / "run"
+    shutil.copytree(ddp_stopped, out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     torchrun_worker(monkeypatch, WORLD_SIZE=3, RANK=0, LOCAL_RANK=0, LOCAL_WORLD_SIZE=3)
     with pytest.raises(SystemExit, match=r"^layermatch.py: error: --batch-size 8 is global and must divide by the 3 "):
-        lm.main(list(map(str, (*TINY, *DDP_ARGS, "--device", "cpu", "--out", ddp_stopped, "--resume"))))
-    assert {f: (ddp_stopped / f).read_bytes() for f in os.listdir(ddp_stopped)} == before
+        lm.main(list(map(str, (*TINY, *DDP_ARGS, "--device", "cpu", "--out", out, "--resume"))))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
 def test_nodes_without_a_shared_folder(ddp_run, tmp_path):
