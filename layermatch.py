@@ -1273,8 +1273,8 @@ def resume_point(cfg: Config, restarted: bool) -> tuple:
     if restarted and not found:
         print(f"note: restarted, and '{cfg.out}' holds no checkpoint: training starts again from step 0",
               file=sys.stderr)
-    changes = dict(resume=cfg.resume or restarted and found, overwrite=restarted and not found or
-                   cfg.overwrite and not restarted)  # a restart replaces only a folder without a checkpoint
+    # a restart replaces only a folder without a checkpoint (what a first start left): --overwrite is never re-applied
+    changes = dict(resume=cfg.resume or restarted and found, overwrite=not found if restarted else cfg.overwrite)
     if not changes["resume"]:
         return changes, None, None
     if done.get("finished") and done.get("steps") == cfg.steps:  # a finished run is left as it is
