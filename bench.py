@@ -117,7 +117,7 @@ def bench(cfg: lm.Config):
     print(*memory_estimate(cfg, C, S, B, uB), sep="\n", flush=True)
     for side, n, size in (((500, 375), 384, S), ((224, 224), 1536, 64)):  # photos; small ones (ImageNet's 224 to 64 px)
         decode, serial = decode_speed(size, side, n)
-        print(f"decoding {side[0]}x{side[1]} JPEGs to {size} px: {os.cpu_count()} processes {decode:,.0f} images/s, "
+        print(f"decoding {side[0]}x{side[1]} JPEGs to {size} px: {lm.usable_cpus()} processes {decode:,.0f} images/s, "
               f"serial PIL {serial:,.0f} images/s   {decode / serial:.2f}x")
 
     gen, x_l, x_u = torch.Generator(device).manual_seed(0), x[:B].to(device), x[:uB].to(device)

@@ -41,6 +41,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -691,19 +692,22 @@ def write_images(file: str, start: int, paths: list, size: int, squash: bool) ->
         fh.write(pixels)
     return len(paths)
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: under Slurm or in a container, fewer than the host's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 CHUNK = 32  # images per task of a decoding process, at most
 
 def decode_into(file: str, paths: list, size: int, squash: bool = False):
-    """Decode into file (uint8 [N, 3, size, size], of that length) by one process per core (threads: the GIL)."""
-    cores = os.cpu_count() or 1
+    """Decode into file (uint8 [N, 3, size, size], of that length) by one process per CPU this process may use
+    (threads: the GIL). A bad image cancels the tasks not yet started."""
+    cores = usable_cpus()
     chunk = max(1, min(CHUNK, len(paths) // (4 * cores)))  # a few tasks per process at least, to balance the load
-    starts = range(0, len(paths), chunk)
-    tasks = [[file] * len(starts), starts, [paths[i:i + chunk] for i in starts], [size] * len(starts),
-             [squash] * len(starts)]
+    starts, work = range(0, len(paths), chunk), functools.partial(write_images, file, size=size, squash=squash)
     workers = min(cores, -(-len(paths) // CHUNK))  # a small folder is decoded here, without starting processes
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool, \
             tqdm(total=len(paths), desc="decoding", unit="img", disable=len(paths) < 1000, leave=False) as bar:
-        for n in (pool.map if pool else map)(write_images, *tasks):  # a bad image cancels the tasks not yet started
+        for n in (pool.map if pool else map)(work, starts, [paths[i:i + chunk] for i in starts]):
             bar.update(n)
 
 def read_images(paths: list, size: int) -> torch.Tensor:
@@ -717,76 +721,88 @@ def read_images(paths: list, size: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def cache_lock(path: str):
-    """An exclusive lock on the file path while the block runs; the system releases it if the process dies."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock, so start one run on a new folder before the next
-        fcntl = None
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fh = open(path, "a")
-    except OSError as e:
-        raise UserError(f"cannot write the image cache in '{os.path.dirname(path)}' ({e.strerror or e}); "
-                        "pass --cache-dir DIR") from None
-    with fh:
+    """Yields whether it holds an exclusive lock on the file path while the block runs (the system releases it if the
+    process dies): the processes of one node then decode once. The cache is right without it (see write_cache)."""
+    with open(path, "a") as fh:
         try:
-            fcntl and fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"note: waiting for another process that is decoding into the image cache ('{path}')",
+            import fcntl
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"note: waiting for another process that is decoding into the image cache ('{path}')",
+                      file=sys.stderr)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            locked = True
+        except (ImportError, OSError) as e:  # Windows; ENOLCK: NFS without its lock service; ENOSYS: Lustre, no flock
+            print(f"note: no lock on '{path}' ({e}): processes that start together may each decode the images",
                   file=sys.stderr)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
+            locked = False
+        yield locked
 
-def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, n_stats: int, squash=False) -> tuple:
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}  # absent or unreadable
+
+def cache_meta(stem: str, nbytes: int) -> dict | None:
+    """A complete cache's meta: stem.json (written last) read, stem.u8 of nbytes; None if not written yet or broken."""
+    meta, u8 = read_json(f"{stem}.json"), f"{stem}.u8"
+    return meta if meta and os.path.exists(u8) and os.path.getsize(u8) == nbytes else None
+
+def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, n_stats: int, squash: bool,
+                  only: list | None) -> tuple:
     """(images [N, 3, size, size] mapped from cache_dir, meta: grayscale?, mean and std of the first n_stats). The first
     process decodes under a lock, others wait and map. Keyed by names, sizes, mtimes; a cut-off file is redone."""
     listing = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
     key = hashlib.sha256(json.dumps([size, squash, n_stats, listing]).encode()).hexdigest()[:16]
-    name = f"{os.path.basename(root)}-{hashlib.sha256(root.encode()).hexdigest()[:8]}-{part}-{size}px" \
-           f"{'-squashed' if squash else ''}-"
-    prefix, shape = os.path.join(cache_dir, name), (len(paths), 3, size, size)
-
-    def finished():
-        try:
-            with open(f"{prefix}{key}.json") as fh:
-                return json.load(fh) if os.path.getsize(f"{prefix}{key}.u8") == math.prod(shape) else None
-        except (OSError, ValueError):
-            return None  # not written yet, or broken
-    meta = finished()
-    if meta is None:
-        with cache_lock(f"{prefix}lock"):
-            meta = finished() or write_cache(paths, size, prefix, key, shape, n_stats, squash)
-    return torch.from_file(f"{prefix}{key}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
-
-def write_cache(paths, size, prefix, key, shape, n_stats, squash) -> dict:
-    """Decode into a .tmp, flush, rename, write the .json that marks it complete. Under the lock the prefix's other
-    files are stale (an older folder, a dead process's write): they go first."""
-    tmp, start = f"{prefix}{key}.u8.tmp", time.time()
+    folder = hashlib.sha256("\n".join([root, *(only or [])]).encode()).hexdigest()[:8]  # and the class subset
+    family = os.path.join(cache_dir, f"{os.path.basename(root)}-{folder}-{part}-{size}px{'-squashed' * squash}-")
+    shape = (len(paths), 3, size, size)
+    meta = cache_meta(family + key, math.prod(shape))
     try:
-        for old in glob.glob(glob.escape(prefix) + "*"):
-            if old != f"{prefix}lock":
+        if meta is None:
+            os.makedirs(cache_dir, exist_ok=True)
+            with cache_lock(f"{family}lock") as locked:
+                meta = cache_meta(family + key, math.prod(shape)) or write_cache(paths, shape, family + key, n_stats,
+                                                                                 squash, locked)
+    except OSError as e:
+        raise UserError(f"cannot write the image cache file '{e.filename}' ({e.strerror or e}); free space there or "
+                        "pass --cache-dir DIR") from None
+    return torch.from_file(f"{family}{key}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
+
+def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict:
+    """Decode into a file of this process's own, flush, rename it to .u8, then write the .json that marks it complete:
+    any number of processes on any number of nodes may write a cache at once. First what it replaces goes: the caches
+    of older listings in its family (stem's folder, classes, part, size, pipeline), and, under the lock (no other
+    process of this host writes the family), what a killed process of this host left."""
+    host, start, nbytes = socket.gethostname(), time.time(), math.prod(shape)
+    tmp, others = f"{stem}.{os.getpid()}-{threading.get_ident()}@{host}.tmp", glob.escape(stem[:-16]) + "[0-9a-f]" * 16
+    try:
+        stale = [f for f in glob.glob(f"{others}.u8") + glob.glob(f"{others}.json") if not f.startswith(stem)]
+        for old in stale + (glob.glob(f"{others}.*@{glob.escape(host)}.tmp") if locked else []):
+            with contextlib.suppress(FileNotFoundError):  # another writer's cleaning
                 os.remove(old)
         with open(tmp, "wb") as fh:
-            fh.truncate(math.prod(shape))
-        decode_into(tmp, paths, size, squash)
-        x = torch.from_file(tmp, size=math.prod(shape), dtype=torch.uint8).view(shape)
+            fh.truncate(nbytes)
+        decode_into(tmp, paths, shape[-1], squash)
+        x = torch.from_file(tmp, size=nbytes, dtype=torch.uint8).view(shape)
         gray = all(torch.equal(c[:, 0], c[:, 1]) and torch.equal(c[:, 0], c[:, 2]) for c in x.split(256))
         mean, std = channel_mean_std(x[:n_stats]) if n_stats else (torch.zeros(3), torch.zeros(3))
         del x  # unmapped: every byte is in the file
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, f"{prefix}{key}.u8")
-        meta = dict(gray=gray, images=len(paths), size=size, mean=mean.tolist(), std=std.tolist())
-        write_text(f"{prefix}{key}.json", json.dumps(meta))
-    except OSError as e:
-        raise UserError(f"cannot write the image cache file '{e.filename or tmp}' ({e.strerror or e}); free space "
-                        "there or pass --cache-dir DIR") from None
+        meta = dict(gray=gray, images=len(paths), size=shape[-1], mean=mean.tolist(), std=std.tolist())
+        if cache_meta(stem, nbytes) is None:  # else another writer finished first: its copy stays (readers map it)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, f"{stem}.u8")
+            atomic_write(f"{stem}.json", lambda fh: fh.write(json.dumps(meta).encode()), tmp)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    print(f"note: decoded {len(paths)} images in {time.time() - start:.1f} s into '{prefix}{key}.u8' "
-          f"({math.prod(shape) / 1e9:.3g} GB); later runs map it", file=sys.stderr)
-    return meta
+    print(f"note: decoded {len(paths)} images in {time.time() - start:.1f} s into '{stem}.u8' ({nbytes / 1e9:.3g} GB); "
+          "later runs map it", file=sys.stderr)
+    return cache_meta(stem, nbytes)
 
 def load_folder(root: str, size: int, cache_dir: str, only: list | None = None, squash: bool = False) -> dict:
     """ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or val/, as ImageNet's), optional root/unlabeled/
@@ -826,8 +842,8 @@ def load_folder(root: str, size: int, cache_dir: str, only: list | None = None, 
     home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     cache_dir, n = cache_dir or os.path.join(home, "layermatch"), len(train)
     x, meta = cached_images("train", [p for p, _ in train] + extra, root, int(size / 0.875) if squash else size,
-                            cache_dir, n, squash)
-    t, test_meta = cached_images("test", [p for p, _ in test], root, size, cache_dir, 0, squash)
+                            cache_dir, n, squash, only)
+    t, test_meta = cached_images("test", [p for p, _ in test], root, size, cache_dir, 0, squash, only)
     c = 1 if meta["gray"] and test_meta["gray"] else 3  # 1: every image has R = G = B
     label = lambda samples: torch.tensor([k for _, k in samples])
     return dict(train_x=x[:n, :c], train_y=label(train), test_x=t[:, :c], test_y=label(test),
@@ -1022,8 +1038,8 @@ def evaluate(model, live, x, y, normalize, centres, seen, batch=1024) -> tuple:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: one dict, written atomically so that a kill at any moment leaves the last one loadable
 
-def atomic_write(path, write):
-    tmp = f"{path}.tmp"
+def atomic_write(path, write, tmp=None):
+    tmp = tmp or f"{path}.tmp"
     with open(tmp, "wb") as fh:
         write(fh)
         fh.flush()
@@ -1048,13 +1064,6 @@ def prepare_out(cfg: Config):
         write_text(os.path.join(cfg.out, "config.json"), json.dumps(config, indent=2))
     except OSError as e:
         raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return {}  # absent or unreadable
 
 BOOKKEEPING = ("out", "resume", "overwrite", "stop_at", "checkpoint_minutes", "tensorboard")  # a resume may change them
 

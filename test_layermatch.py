@@ -1,8 +1,10 @@
 """Tests for layermatch.py: the method's math on toy tensors, augmentation, data, and short real runs.
 CPU only, no downloads: synthetic uint8 tensors and scikit-learn's bundled digits."""
+import contextlib
 import copy
 import csv
 import dataclasses
+import errno
 import fractions
 import functools
 import glob
@@ -20,6 +22,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import threading
 import time
 import types
 import zlib
@@ -1872,7 +1875,7 @@ def test_the_cache_holds_what_pil_reads_and_only_the_first_run_decodes(tmp_path,
 def test_a_bad_image_stops_the_decoding_at_once(tmp_path, monkeypatch):
     """The decoding processes' tasks after a bad image's are cancelled: only those already handed to the processes
     run (one in each and one queued for each, and one more: (2 processes + 1) * CHUNK images), of twice that many."""
-    workers = os.cpu_count()
+    workers = lm.usable_cpus()
     root = image_folder(tmp_path / "pets", per_class=(4 * workers + 2) * lm.CHUNK // 3, unlabeled=0)
     (root / "train" / "cat" / "0.png").write_bytes(b"not a png")  # the first file
     counter, real = tmp_path / "decodes", lm.read_image  # a file: the decoding processes count into it too
@@ -1902,11 +1905,15 @@ def test_a_cache_killed_while_being_written_is_never_read(tmp_path, monkeypatch)
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL, r.stderr
     cache = tmp_path / "cache" / "layermatch"
-    assert not glob.glob(str(cache / "*.u8")) and glob.glob(str(cache / "*.u8.tmp*"))  # only the unfinished file
+    (killed,) = glob.glob(str(cache / "*.tmp"))  # only the unfinished file
+    assert not glob.glob(str(cache / "*.u8")) and killed.endswith(f"@{socket.gethostname()}.tmp")
+    elsewhere = killed.replace(f"@{socket.gethostname()}.tmp", "@another-node.tmp")  # may be a write that goes on
+    shutil.copy(killed, elsewhere)
     decodes = count_decodes(monkeypatch)
     d = lm.load_folder(str(tmp_path / "photos"), 12, "")
     assert len(decodes) == 12 and torch.equal(d["test_x"][-1], pil_read(sorted(paths[8:])[-1], 12))
-    assert sorted(os.path.splitext(f)[1] for f in os.listdir(cache)) == ["", "", ".json", ".json", ".u8", ".u8"]  # locks
+    assert sorted(os.path.splitext(f)[1] for f in os.listdir(cache)) == ["", "", ".json", ".json", ".tmp", ".u8", ".u8"]
+    assert glob.glob(str(cache / "*.tmp")) == [elsewhere]  # this host's is gone (locks: the files without a suffix)
 
 
 SLOW_DECODE = """
@@ -1935,6 +1942,100 @@ def test_two_runs_started_together_on_a_fresh_cache_decode_the_folder_once(tmp_p
     kinds = sorted((m[1], os.path.splitext(m[2])[1] or m[2]) for m in (re.search(r"-(train|test)-8px-(.*)$", f) for f in cache))
     assert kinds == [(part, kind) for part in ("test", "train") for kind in (".json", ".u8", "lock")], cache  # no .tmp
     assert all(json.load(open(tmp_path / f"s{seed}" / "summary.json"))["finished"] for seed in (0, 1))
+
+
+def test_caches_of_other_pipelines_and_class_subsets_of_one_folder_live_side_by_side(tmp_path, monkeypatch):
+    """Plain and squashed (ImageNet-100 as TorchSSL) caches of one folder and size, and a class subset's, never remove
+    each other's files: alternating them decodes nothing more."""
+    root = str(image_folder(tmp_path / "pets"))
+    decodes, cache = count_decodes(monkeypatch), tmp_path / "cache" / "layermatch"
+    ways = [dict(), dict(squash=True), dict(only=["cat", "eel"])]
+    first = [lm.load_folder(root, 8, "", **way) for way in ways]  # test caches at 8 px: plain, squashed, 2 classes
+    assert len(decodes) == 29 + 29 + 21 and len(glob.glob(str(cache / "*-test-8px-*.u8"))) == 3
+    files = sorted(os.listdir(cache))
+    again = [lm.load_folder(root, 8, "", **way) for way in ways]
+    assert len(decodes) == 29 + 29 + 21 and sorted(os.listdir(cache)) == files  # mapped, none deleted
+    assert all(torch.equal(a["test_x"], b["test_x"]) for a, b in zip(first, again))
+    assert again[2]["classes"] == ["cat", "eel"] and again[2]["test_x"].shape[0] == 4
+
+
+def no_lock_but_both_write_at_once(monkeypatch, locked, hosts):
+    """cache_lock as on a filesystem without locks (locked False), or with locks per node (each 'node' holds it); both
+    writers pass a barrier once they have made their temporary file, so they decode at once."""
+    monkeypatch.setattr(lm, "cache_lock", contextlib.contextmanager(lambda path: (yield locked)))
+    if hosts:  # each thread a node of its own
+        monkeypatch.setattr(lm.socket, "gethostname", lambda: threading.current_thread().name)
+    barrier, decode = threading.Barrier(2, timeout=120), lm.decode_into
+    monkeypatch.setattr(lm, "decode_into", lambda *a: barrier.wait() and None or decode(*a))
+
+
+@pytest.mark.parametrize("locked,hosts", [(False, False), (True, True)], ids=["no lock", "a lock per node"])
+def test_two_writers_at_once_without_a_lock_both_leave_a_right_cache(tmp_path, monkeypatch, locked, hosts):
+    paths = photo_folder(tmp_path / "photos")
+    no_lock_but_both_write_at_once(monkeypatch, locked, hosts)
+    loads, errors = {}, []
+    def load(name):
+        try:
+            loads[name] = lm.load_folder(str(tmp_path / "photos"), 12, "")
+        except BaseException as e:
+            errors.append(e)
+    writers = [threading.Thread(target=load, args=(f"node{i}",), name=f"node{i}") for i in range(2)]
+    [w.start() for w in writers]
+    [w.join() for w in writers]
+    assert not errors and len(loads) == 2, errors
+    order = sorted(paths[:8]) + sorted(paths[8:])
+    right = torch.stack([pil_read(p, 12) for p in order])
+    for d in loads.values():
+        assert torch.equal(torch.cat([d["train_x"], d["test_x"]]), right)
+        assert [m.tolist() for m in d["mean_std"]] == [t.tolist() for t in lm.channel_mean_std(right[:8])]
+    cache = tmp_path / "cache" / "layermatch"  # and no temporary file (nor lock: cache_lock was replaced)
+    assert sorted(os.path.splitext(f)[1] for f in os.listdir(cache)) == [".json", ".json", ".u8", ".u8"]
+
+
+@pytest.mark.parametrize("error", [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_filesystem_without_locks_is_a_note_and_the_cache_is_built(tmp_path, monkeypatch, capsys, error):
+    import fcntl
+    def no_locks(fh, how):
+        raise OSError(error, os.strerror(error))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    d = lm.load_folder(str(image_folder(tmp_path / "pets")), 8, "")
+    assert d["test_x"][:, 0, 0, 0].tolist() == [42, 43, 122, 123, 202, 203]
+    notes = capsys.readouterr().err.splitlines()
+    assert [line.startswith("note: no lock on") and os.strerror(error) in line for line in notes].count(True) == 2
+
+
+def test_decoding_processes_are_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    paths = photo_folder(tmp_path / "photos")[:4] * 25  # 100 images: 4 tasks of 32 at most
+    started, real = [], lm.ProcessPoolExecutor
+    monkeypatch.setattr(lm, "ProcessPoolExecutor", lambda n: started.append(n) or real(n))
+    right = torch.stack([pil_read(p, 8) for p in paths])
+    for cpus, processes in (({0, 5, 7}, [3]), ({3}, [])):  # one CPU: decoded here
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+        started.clear()
+        assert torch.equal(lm.read_images(paths, 8), right) and started == processes
+
+
+@pytest.mark.parametrize("breaks", ["a file in the way", "a full disk"])
+def test_a_cache_that_cannot_be_written_is_one_line_and_removes_no_other_cache(tmp_path, monkeypatch, breaks):
+    root = str(image_folder(tmp_path / "pets"))
+    lm.load_folder(root, 8, "")
+    cache = tmp_path / "cache" / "layermatch"
+    before = {f: (cache / f).read_bytes() for f in os.listdir(cache)}
+    if breaks == "a file in the way":
+        (tmp_path / "file").write_text("")
+        where = str(tmp_path / "file" / "cache")
+    else:
+        def full_disk(file, *args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file)
+        where = ""
+        monkeypatch.setattr(lm, "write_images", full_disk)
+    with pytest.raises(lm.UserError) as e:
+        lm.load_folder(root, 10, where)
+    message = str(e.value)
+    assert message.startswith("cannot write the image cache file") and "\n" not in message
+    assert ("Not a directory" if breaks == "a file in the way" else "No space left on device") in message, message
+    assert {f: (cache / f).read_bytes() for f in os.listdir(cache)} == before | {
+        f: b"" for f in os.listdir(cache) if f.endswith("lock")}  # the 10 px caches' lock files only
 
 
 CHANNEL_STATS_MEMORY = """
