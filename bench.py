@@ -67,8 +67,8 @@ def seconds_per_call(fn, device, min_seconds=2.0):
     return (time.time() - start) / calls
 
 
-DATASET_SIZES = {"cifar10": (60000, 10), "cifar100": (60000, 100), "svhn": (99289, 10), "stl10": (113000, 10),
-                 "imagenet100": (131689, 100)}  # images; ImageNet-100: 126,689 train + 5,000 val, as usually given
+DATASET_SIZES = {"cifar10": (50000, 10000, 10), "cifar100": (50000, 10000, 100), "svhn": (73257, 26032, 10),
+                 "stl10": (105000, 8000, 10), "imagenet100": (126689, 5000, 100)}  # (train + unlabeled, test, classes)
 SHAPES = {"digits": (1, 8), "stl10": (3, 96), "imagenet100": (3, 224)}  # (C, S); the rest (3, 32)
 
 
@@ -76,12 +76,12 @@ def memory_estimate(cfg: lm.Config, C: int, S: int, B: int, uB: int) -> list:
     """Device memory of a training run, measured on the CPU (lm.training_memory: fp32 weights + gradients + momentum
     + EMA, and the activations one step saves for backward, bf16 autocast and fp32) with the uint8 dataset on the
     device or in host memory; on the host, the device holds two steps' batches (one in use, one prefetched)."""
-    n_images, classes = DATASET_SIZES.get(cfg.dataset, (0, 10))
+    n_train, n_test, classes = DATASET_SIZES.get(cfg.dataset, (0, 0, 10))
     net = lm.make_network(dataclasses.asdict(cfg), classes, (C, S, S))
-    images, GB = B + 2 * uB, 1e9
-    data, state = n_images * C * S * S / GB, 16 * sum(p.numel() for p in net.parameters()) / GB
+    images, GB, side = B + 2 * uB, 1e9, int(S / 0.875) if cfg.dataset == "imagenet100" else S  # stored as TorchSSL's
+    data, state = (n_train * side**2 + n_test * S**2) * C / GB, 16 * sum(p.numel() for p in net.parameters()) / GB
     bf16, fp32 = (lm.training_memory(net, (C, S, S), images, dtype) / GB for dtype in (torch.bfloat16, None))
-    batches = 2 * (B + uB) * C * S * S / GB
+    batches = 2 * (B + uB) * C * side**2 / GB
     return [f"device memory estimate, data on the device: data {data:.2f} GB + weights, grads, momentum, EMA "
             f"{state:.2f} GB + activations {bf16 - state:.2f} GB (bf16/fp16; fp32 {fp32 - state:.2f} GB) "
             f"= {data + bf16:.1f} GB (fp32 {data + fp32:.1f} GB)",

@@ -753,8 +753,8 @@ def cache_meta(stem: str, nbytes: int) -> dict | None:
 
 def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, n_stats: int, squash: bool,
                   only: list | None) -> tuple:
-    """(images [N, 3, size, size] mapped from cache_dir, meta: grayscale?, mean and std of the first n_stats). The first
-    process decodes under a lock, others wait and map. Keyed by names, sizes, mtimes; a cut-off file is redone."""
+    """(images [N, 3, size, size] mapped from cache_dir, meta: grayscale?, mean and std of the first n_stats). Keyed by
+    names, sizes, mtimes; a cut-off file is redone. Where the lock works, one process of a node decodes, others wait."""
     listing = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
     key = hashlib.sha256(json.dumps([size, squash, n_stats, listing]).encode()).hexdigest()[:16]
     folder = hashlib.sha256("\n".join([root, *(only or [])]).encode()).hexdigest()[:8]  # and the class subset
@@ -768,8 +768,8 @@ def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, 
                 meta = cache_meta(family + key, math.prod(shape)) or write_cache(paths, shape, family + key, n_stats,
                                                                                  squash, locked)
     except OSError as e:
-        raise UserError(f"cannot write the image cache file '{e.filename}' ({e.strerror or e}); free space there or "
-                        "pass --cache-dir DIR") from None
+        raise UserError(f"cannot write the image cache file '{e.filename or cache_dir}' ({e.strerror or e}); free "
+                        "space there or pass --cache-dir DIR") from None
     return torch.from_file(f"{family}{key}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
 
 def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict:
@@ -778,10 +778,10 @@ def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict:
     of older listings in its family (stem's folder, classes, part, size, pipeline), and, under the lock (no other
     process of this host writes the family), what a killed process of this host left."""
     host, start, nbytes = socket.gethostname(), time.time(), math.prod(shape)
-    tmp, others = f"{stem}.{os.getpid()}-{threading.get_ident()}@{host}.tmp", glob.escape(stem[:-16]) + "[0-9a-f]" * 16
+    tmp, any_key = f"{stem}.{os.getpid()}-{threading.get_ident()}@{host}.tmp", glob.escape(stem[:-16]) + "[0-9a-f]" * 16
     try:
-        stale = [f for f in glob.glob(f"{others}.u8") + glob.glob(f"{others}.json") if not f.startswith(stem)]
-        for old in stale + (glob.glob(f"{others}.*@{glob.escape(host)}.tmp") if locked else []):
+        stale = [f for f in glob.glob(f"{any_key}.u8") + glob.glob(f"{any_key}.json") if not f.startswith(stem)]
+        for old in stale + (glob.glob(f"{any_key}.*@{glob.escape(host)}.tmp") if locked else []):
             with contextlib.suppress(FileNotFoundError):  # another writer's cleaning
                 os.remove(old)
         with open(tmp, "wb") as fh:
