@@ -699,8 +699,10 @@ def usable_cpus() -> int:
 CHUNK = 32  # images per task of a decoding process, at most
 
 def decode_into(file: str, paths: list, size: int, squash: bool = False):
-    """Decode into file (uint8 [N, 3, size, size], of that length) by one process per CPU this process may use
-    (threads: the GIL). A bad image cancels the tasks not yet started."""
+    """Decode into file, made uint8 [N, 3, size, size], by one process per CPU this process may use (threads: the GIL).
+    A bad image cancels the tasks not yet started."""
+    with open(file, "wb") as fh:
+        fh.truncate(len(paths) * 3 * size * size)
     cores = usable_cpus()
     chunk = max(1, min(CHUNK, len(paths) // (4 * cores)))  # a few tasks per process at least, to balance the load
     starts, work = range(0, len(paths), chunk), functools.partial(write_images, file, size=size, squash=squash)
@@ -714,8 +716,6 @@ def read_images(paths: list, size: int) -> torch.Tensor:
     """Image files -> uint8 [N, 3, size, size] in memory (e.g. for predict), decoded as for the cache."""
     with tempfile.TemporaryDirectory() as folder:
         file, shape = os.path.join(folder, "images.u8"), (len(paths), 3, size, size)
-        with open(file, "wb") as fh:
-            fh.truncate(math.prod(shape))
         decode_into(file, paths, size)
         return torch.from_file(file, size=math.prod(shape), dtype=torch.uint8).view(shape).clone()
 
@@ -726,18 +726,16 @@ def cache_lock(path: str):
     with open(path, "a") as fh:
         try:
             import fcntl
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"note: waiting for another process that is decoding into the image cache ('{path}')",
-                      file=sys.stderr)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            locked = True
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"note: waiting for another process that is decoding into the image cache ('{path}')",
+                  file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
         except (ImportError, OSError) as e:  # Windows; ENOLCK: NFS without its lock service; ENOSYS: Lustre, no flock
             print(f"note: no lock on '{path}' ({e}): processes that start together may each decode the images",
                   file=sys.stderr)
-            locked = False
-        yield locked
+            fcntl = None
+        yield fcntl is not None
 
 def read_json(path: str) -> dict:
     try:
@@ -759,18 +757,17 @@ def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, 
     key = hashlib.sha256(json.dumps([size, squash, n_stats, listing]).encode()).hexdigest()[:16]
     folder = hashlib.sha256("\n".join([root, *(only or [])]).encode()).hexdigest()[:8]  # and the class subset
     family = os.path.join(cache_dir, f"{os.path.basename(root)}-{folder}-{part}-{size}px{'-squashed' * squash}-")
-    shape = (len(paths), 3, size, size)
-    meta = cache_meta(family + key, math.prod(shape))
+    stem, shape = family + key, (len(paths), 3, size, size)
+    meta = cache_meta(stem, math.prod(shape))
     try:
         if meta is None:
             os.makedirs(cache_dir, exist_ok=True)
             with cache_lock(f"{family}lock") as locked:
-                meta = cache_meta(family + key, math.prod(shape)) or write_cache(paths, shape, family + key, n_stats,
-                                                                                 squash, locked)
+                meta = cache_meta(stem, math.prod(shape)) or write_cache(paths, shape, stem, n_stats, squash, locked)
     except OSError as e:
         raise UserError(f"cannot write the image cache file '{e.filename or cache_dir}' ({e.strerror or e}); free "
                         "space there or pass --cache-dir DIR") from None
-    return torch.from_file(f"{family}{key}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
+    return torch.from_file(f"{stem}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
 
 def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict:
     """Decode into a file of this process's own, flush, rename it to .u8, then write the .json that marks it complete:
@@ -784,8 +781,6 @@ def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict:
         for old in stale + (glob.glob(f"{any_key}.*@{glob.escape(host)}.tmp") if locked else []):
             with contextlib.suppress(FileNotFoundError):  # another writer's cleaning
                 os.remove(old)
-        with open(tmp, "wb") as fh:
-            fh.truncate(nbytes)
         decode_into(tmp, paths, shape[-1], squash)
         x = torch.from_file(tmp, size=nbytes, dtype=torch.uint8).view(shape)
         gray = all(torch.equal(c[:, 0], c[:, 1]) and torch.equal(c[:, 0], c[:, 2]) for c in x.split(256))
@@ -796,7 +791,7 @@ def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, f"{stem}.u8")
-            atomic_write(f"{stem}.json", lambda fh: fh.write(json.dumps(meta).encode()), tmp)
+            write_text(f"{stem}.json", json.dumps(meta), tmp)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1046,8 +1041,8 @@ def atomic_write(path, write, tmp=None):
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
-def write_text(path, text):
-    atomic_write(path, lambda fh: fh.write(text.encode()))
+def write_text(path, text, tmp=None):
+    atomic_write(path, lambda fh: fh.write(text.encode()), tmp)
 
 def prepare_out(cfg: Config):
     """The output folder: never silently reused or clobbered."""
