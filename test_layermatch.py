@@ -1542,7 +1542,7 @@ if victim == "rank1" and os.environ["RANK"] == "0" and not os.path.exists(writin
             return False
         except ProcessLookupError:
             return True
-    def write_while_rank_1_dies(path, write):
+    def write_while_rank_1_dies(path, write, tmp=None):
         def write_then_wait(fh):
             write(fh)  # the whole checkpoint in the temporary file, not yet renamed
             paths.append(path)
@@ -1550,7 +1550,7 @@ if victim == "rank1" and os.environ["RANK"] == "0" and not os.path.exists(writin
                 open(writing, "w").close()
                 while not gone(int(open(pid_file).read())):
                     time.sleep(0.01)
-        atomic_write(path, write_then_wait)
+        atomic_write(path, write_then_wait, tmp)
     lm.atomic_write = write_while_rank_1_dies
 lm.main(sys.argv[1:])
 """
