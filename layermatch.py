@@ -734,7 +734,7 @@ def cache_lock(path: str):
         except (ImportError, OSError) as e:  # Windows; ENOLCK: NFS without its lock service; ENOSYS: Lustre, no flock
             print(f"note: no lock on '{path}' ({e}): processes that start together may each decode the images",
                   file=sys.stderr)
-            fcntl = None
+            fcntl = None  # no lock held
         yield fcntl is not None
 
 def read_json(path: str) -> dict:
