@@ -1874,12 +1874,29 @@ def test_the_cache_holds_what_pil_reads_and_only_the_first_run_decodes(tmp_path,
 
 def test_a_bad_image_stops_the_decoding_at_once(tmp_path, monkeypatch):
     """The decoding processes' tasks after a bad image's are cancelled: only those already handed to the processes
-    run (one in each and one queued for each, and one more: (2 processes + 1) * CHUNK images), of twice that many."""
+    run (one in each and one queued for each, and one more: (2 processes + 1) * CHUNK images), of twice that many.
+    The other images wait until the failure has reached this process, however late it is scheduled."""
     workers = lm.usable_cpus()
     root = image_folder(tmp_path / "pets", per_class=(4 * workers + 2) * lm.CHUNK // 3, unlabeled=0)
-    (root / "train" / "cat" / "0.png").write_bytes(b"not a png")  # the first file
-    counter, real = tmp_path / "decodes", lm.read_image  # a file: the decoding processes count into it too
-    monkeypatch.setattr(lm, "read_image", lambda *a: open(counter, "ab").write(b".") and time.sleep(0.01) or real(*a))
+    bad = root / "train" / "cat" / "0.png"  # the first file
+    bad.write_bytes(b"not a png")
+    counter, seen, real = tmp_path / "decodes", tmp_path / "failure seen", lm.read_image  # files: processes see them
+
+    def read_after_the_failure(path, *args):
+        open(counter, "ab").write(b".")
+        waited = time.monotonic()
+        while path != os.path.realpath(bad) and not seen.exists() and time.monotonic() - waited < 120:
+            time.sleep(0.001)
+        return real(path, *args)
+
+    class Pool(lm.ProcessPoolExecutor):
+        def map(self, *args, **kwargs):
+            try:
+                yield from super().map(*args, **kwargs)
+            finally:  # the tasks not yet handed out are cancelled by now
+                seen.touch()
+    monkeypatch.setattr(lm, "read_image", read_after_the_failure)
+    monkeypatch.setattr(lm, "ProcessPoolExecutor", Pool)
     with pytest.raises(lm.UserError, match="cannot read image .*0.png"):
         lm.load_folder(str(root), 8, "")
     assert 1 <= counter.stat().st_size <= 1 + (2 * workers + 1) * lm.CHUNK
