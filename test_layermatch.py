@@ -1978,7 +1978,7 @@ def test_caches_of_other_pipelines_and_class_subsets_of_one_folder_live_side_by_
 
 def no_lock_but_both_write_at_once(monkeypatch, locked, hosts):
     """cache_lock as on a filesystem without locks (locked False), or with locks per node (each 'node' holds it); both
-    writers pass a barrier once they have made their temporary file, so they decode at once."""
+    writers meet at a barrier before decoding, so they decode (each into its temporary file) at once."""
     monkeypatch.setattr(lm, "cache_lock", contextlib.contextmanager(lambda path: (yield locked)))
     if hosts:  # each thread a node of its own
         monkeypatch.setattr(lm.socket, "gethostname", lambda: threading.current_thread().name)
