@@ -797,7 +797,7 @@ def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict:
             os.remove(tmp)
     print(f"note: decoded {len(paths)} images in {time.time() - start:.1f} s into '{stem}.u8' ({nbytes / 1e9:.3g} GB); "
           "later runs map it", file=sys.stderr)
-    return cache_meta(stem, nbytes)
+    return meta  # also another writer's: the same pixels give the same exact statistics
 
 def load_folder(root: str, size: int, cache_dir: str, only: list | None = None, squash: bool = False) -> dict:
     """ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or val/, as ImageNet's), optional root/unlabeled/
