@@ -83,7 +83,7 @@ class Config:
     cache_dir: str = arg("", "--dataset folder, imagenet100: where decoded images are cached (default: "
                              "$XDG_CACHE_HOME/layermatch or ~/.cache/layermatch)", metavar="DIR")
     out: str = arg("", "output folder (default: runs/<dataset>@<labels>-<algorithm>-s<seed>)", metavar="DIR")
-    resume: bool = arg(False, "continue the run in --out from its checkpoint")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint, or start it where --out holds none yet")
     overwrite: bool = arg(False, "delete an existing --out and start afresh")
     stop_at: int = arg(0, "checkpoint and stop after this step (split a run into time-limited jobs); 0 = off")
     checkpoint_minutes: float = arg(10.0, "also checkpoint when this many minutes have passed since the last one: "
@@ -152,10 +152,11 @@ class UserError(Exception):
     """A mistake in the input: reported as one line, no traceback."""
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the checkpoint has been written."""
+    """A stop signal arrived; the checkpoint has been written."""
 
-    def __init__(self, signum, step):
-        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved, continue with --resume")
+    def __init__(self, signum, step, out):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: checkpoint of step {step} saved in '{out}'; "
+                         "the same command with --resume continues it")
         self.signum = signum
 
 class Parser(argparse.ArgumentParser):
@@ -737,12 +738,17 @@ def cache_lock(path: str):
             fcntl = None  # no lock held
         yield fcntl is not None
 
-def read_json(path: str) -> dict:
+def read_json(path: str, strict: bool = False) -> dict:
+    """The JSON object in path, {} if absent; strict: a file that holds anything else is an error, else {} too."""
     try:
         with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return {}  # absent or unreadable
+            value = json.load(fh)
+    except (OSError, ValueError) as e:
+        value = {} if isinstance(e, FileNotFoundError) else None
+    if strict and not isinstance(value, dict):
+        raise UserError(f"'{path}' is unreadable or corrupt (not a JSON object); it was left untouched: move it away, "
+                        "or replace the run with --overwrite")
+    return value if isinstance(value, dict) else {}
 
 def cache_meta(stem: str, nbytes: int) -> dict | None:
     """A complete cache's meta: stem.json (written last) read, stem.u8 of nbytes; None if not written yet or broken."""
@@ -1044,18 +1050,26 @@ def atomic_write(path, write, tmp=None):
 def write_text(path, text, tmp=None):
     atomic_write(path, lambda fh: fh.write(text.encode()), tmp)
 
+def job_id() -> str | None:
+    """The id every start of this job shares, kept in config.json: torchrun's (--rdzv-id; new for each --standalone
+    launch), else Slurm's (a requeue keeps it). None: no start can be told to continue another."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none": the static rendezvous without --rdzv-id
+    return run if run != "none" else os.environ.get("SLURM_JOB_ID")
+
+RUN_FILES = ("checkpoint.pt", "metrics.csv", "summary.json")  # a run's results: only --overwrite removes them
+
 def prepare_out(cfg: Config):
     """The output folder: never silently reused or clobbered."""
     if not cfg.resume and os.path.isdir(cfg.out) and os.listdir(cfg.out) and not cfg.overwrite:
         raise UserError(f"output folder '{cfg.out}' exists: add --resume to continue it or --overwrite to replace it")
     try:
         if cfg.overwrite:
-            for name in ("checkpoint.pt", "metrics.csv", "summary.json"):
+            for name in RUN_FILES:
                 if os.path.exists(os.path.join(cfg.out, name)):
                     os.remove(os.path.join(cfg.out, name))
             shutil.rmtree(os.path.join(cfg.out, "tb"), ignore_errors=True)  # the old run's curves
         os.makedirs(cfg.out, exist_ok=True)
-        config = dataclasses.asdict(cfg) | dict(torchrun_job=os.environ.get("TORCHELASTIC_RUN_ID", "none"))
+        config = dataclasses.asdict(cfg) | dict(job=job_id())
         write_text(os.path.join(cfg.out, "config.json"), json.dumps(config, indent=2))
     except OSError as e:
         raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
@@ -1067,7 +1081,7 @@ def check_resumable(cfg: Config, saved: dict):
     for k in SAME_RUN:
         if k in saved and saved[k] != getattr(cfg, k):  # (a key not in the checkpoint: older code, no such flag)
             flag, show = k.replace("_", "-"), lambda v: "(none)" if v == "" else v
-            raise UserError(f"cannot resume: the checkpoint has --{flag} {show(saved[k])}, this command --{flag} "
+            raise UserError(f"cannot resume: the run has --{flag} {show(saved[k])}, this command --{flag} "
                             f"{show(getattr(cfg, k))}")
     changed = [f"{k} {saved[k]} -> {v}" for k, v in dataclasses.asdict(cfg).items()
                if k in saved and saved[k] != v and k not in BOOKKEEPING]
@@ -1094,24 +1108,20 @@ def pick_precision(device: torch.device) -> str:
     return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 def setup_processes(cfg: Config):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process. Also a gloo group for host work,
-    and whether this is a torchrun restart: agreed, as each node's agent counts restarts (not a peer's) on its own."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process. Also a gloo group for host work."""
     world, rank, local_rank = (int(os.environ.get(k, 0)) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
-    world, restarts = max(world, 1), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    device = pick_device(cfg.device, local_rank)
+    world, device = max(world, 1), pick_device(cfg.device, local_rank)
     if world == 1:
-        return rank, world, device, None, restarts > 0
+        return rank, world, device, None
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} is global and must divide by the {world} processes")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **group_store(world, rank, restarts))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **group_store(world, rank))
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))  # NCCL's 10 minutes: too short a wait
-    restarted = torch.tensor(restarts)
-    dist.all_reduce(restarted, dist.ReduceOp.MAX, group=group)
-    return rank, world, device, group, bool(restarted)
+    return rank, world, device, group
 
-def group_store(world: int, rank: int, restarts: int) -> dict:
+def group_store(world: int, rank: int) -> dict:
     """torchrun's agent lends the workers its store and keeps the dead group's addresses in it (pytorch/pytorch#135712):
     one node's agent counts every restart, so a prefix per restart; several nodes' count apart, so a store per round."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
@@ -1120,7 +1130,8 @@ def group_store(world: int, rank: int, restarts: int) -> dict:
         raise UserError("torchrun --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
                         "torchrun's environment and --rdzv-backend c10d (README: Multi-GPU and multi-node)")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    return dict(store=dist.PrefixStore(f"layermatch/restart{restarts}", store), rank=rank, world_size=world)
+    prefix = f"layermatch/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    return dict(store=dist.PrefixStore(prefix, store), rank=rank, world_size=world)
 
 def rank_zero_first(group, rank: int, work):
     """work(True) on rank 0 (download, output folder), then work(False) on the others at once; they wait on the gloo
@@ -1266,45 +1277,58 @@ def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
     s.step, s.history, s.seconds, s.saved_step = ck["step"], ck["history"], ck["seconds"], ck["step"]
     ck.clear()
 
-def resume_point(cfg: Config, restarted: bool) -> tuple:
-    """What this start continues, read by rank 0 alone: (--resume and --overwrite, checkpoint, finished run's summary).
-    A restart (also a start of the torchrun job that wrote config.json: torchrun does not count its restart for a node
-    that joins) resumes the checkpoint, or starts again if there is none, never re-applying --overwrite."""
-    saved, done = (read_json(os.path.join(cfg.out, name)) for name in ("config.json", "summary.json"))
-    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun --standalone: new for every launch
-    restarted = restarted or job != "none" and saved.get("torchrun_job") == job
-    found = os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
-    if restarted and not found:
-        print(f"note: restarted, and '{cfg.out}' holds no checkpoint: training starts again from step 0",
-              file=sys.stderr)
-    # a restart replaces only a folder without a checkpoint (what a first start left): --overwrite is never re-applied
-    changes = dict(resume=cfg.resume or restarted and found, overwrite=not found if restarted else cfg.overwrite)
-    if not changes["resume"]:
-        return changes, None, None
+def resume_point(cfg: Config) -> tuple:
+    """What this start does with --out, decided by rank 0: (--resume and --overwrite as applied, checkpoint, finished
+    run's summary). It continues the run if asked (--resume) or if this job wrote it (its id in config.json: torchrun's
+    restarts, a node that joins, a Slurm requeue); any other start is a first start, so a refusal stays a refusal."""
+    job, file = job_id(), lambda name: os.path.join(cfg.out, name)
+    if job is None and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
+        print("note: this torchrun job has no id (static rendezvous without --rdzv-id), so its restarts apply this "
+              "command as a first start does: --resume continues, --overwrite starts again", file=sys.stderr)
+    ours = job is not None and read_json(file("config.json")).get("job") == job  # lenient: only our own counts
+    if not (cfg.resume or ours):
+        return {}, None, None
+    saved, done = (read_json(file(name), strict=True) for name in ("config.json", "summary.json"))
     if done.get("finished") and done.get("steps") == cfg.steps:  # a finished run is left as it is
         check_resumable(cfg, saved)  # the same experiment, or an error naming the difference
         print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to do, no file changed", file=sys.stderr)
         report(done, cfg.out)
-        return changes, None, done
-    ck = read_checkpoint(cfg.out)
+        return {}, None, done
+    found = os.path.exists(file("checkpoint.pt"))  # if not: start where there is no run yet (at most its config.json)
+    if not found and (any(os.path.exists(file(name)) for name in RUN_FILES) or
+                      os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.exists(file("config.json"))):
+        raise UserError(f"there is no checkpoint.pt in '{cfg.out}' to continue, and it holds other files (another "
+                        "run's?); nothing was changed: choose another --out, or replace it with --overwrite")
+    ck = read_checkpoint(cfg.out) if found else dict(config=saved, step=0)
     check_resumable(cfg, ck["config"])  # before anything is loaded or written
-    if restarted:
-        print(f"resumed at step {ck['step']} after a restart", file=sys.stderr)
-    return changes, ck, None
+    if ours or not found:
+        print(f"continuing job {job}'s run in '{cfg.out}' at step {ck['step']}" if ours else
+              f"note: '{cfg.out}' holds no run yet: --resume starts it", file=sys.stderr)
+    return dict(resume=found, overwrite=not found), ck if found else None, None
+
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)]
+ECHO_SECONDS = 2.0  # a repeat this soon is another sender of the same stop: torchrun, Slurm, timeout, run_cifar.sh
 
 @contextlib.contextmanager
 def signals_to_flag():
-    """SIGINT/SIGTERM append to the yielded list; the loop checkpoints and exits; a second one kills."""
-    stop = []
+    """Yields [signal, when] ([0, 0] until a stop signal): the loop checkpoints and exits. SIGUSR1/2: what Slurm sends
+    before a time limit or preemption where a job asks (--signal). A repeat within ECHO_SECONDS changes nothing
+    (launchers pass a stop on to processes that got it already); a later one kills at once (Ctrl-C twice)."""
+    stop = [0, 0.0]
 
     def on_signal(signum, _):
-        stop.append(signum)
-        signal.signal(signum, signal.SIG_DFL)
+        if not stop[0]:
+            stop[:] = [signum, time.monotonic()]
+        elif time.monotonic() - stop[1] > ECHO_SECONDS:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
     main = threading.current_thread() is threading.main_thread()
-    saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    saved = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS} if main else {}
     try:
         yield stop
     finally:
+        if stop[0]:  # a launcher's copy of the stop may still come: on_signal takes it, then the caller's handlers
+            time.sleep(max(0.0, stop[1] + ECHO_SECONDS - time.monotonic()))
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 
@@ -1396,14 +1420,9 @@ class Progress(contextlib.AbstractContextManager):
         self.logged = sums
         return row
 
-    @contextlib.contextmanager
-    def evaluating(self):
-        self.busy -= time.time()
-        yield
-        self.busy += time.time()
-
-    def evaluated(self, history: list):
-        self.logged = [0.0] * len(STATS)  # the sums restart at every evaluation
+    def evaluated(self, history: list, seconds: float):
+        """An evaluation and its checkpoint, which took seconds: not steady steps, so not on the clock."""
+        self.logged, self.busy = [0.0] * len(STATS), self.busy + seconds  # the sums restart at every evaluation
         last = history[-1]
         if self.tb:
             self.tb.add_scalar("test/acc", last["test_acc"], last["step"])  # the EMA model's, as metrics.csv
@@ -1434,9 +1453,9 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     default_recipe = cfg.steps is None
     cfg = resolve(cfg, data is not None)
     SummaryWriter = tensorboard_writer() if cfg.tensorboard else None
-    rank, world, device, gloo, restarted = setup_processes(cfg)
+    rank, world, device, gloo = setup_processes(cfg)
     cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
-    changes, ck, done = from_rank_zero(gloo, rank, lambda: resume_point(cfg, restarted))
+    changes, ck, done = from_rank_zero(gloo, rank, lambda: resume_point(cfg))
     cfg = dataclasses.replace(cfg, **changes)
     if done:
         return done
@@ -1510,29 +1529,29 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             progress.tick(loss, s.step)
 
             evaluating = s.step % cfg.eval_every == 0 or s.step == cfg.steps
-            if s.step % LOG_EVERY and not evaluating and s.step != cfg.stop_at and not (stop and world == 1):
+            if s.step % LOG_EVERY and not evaluating and s.step != cfg.stop_at and not (stop[0] and world == 1):
                 continue
             due = rank == 0 and 0 < cfg.checkpoint_minutes * 60 <= time.monotonic() - s.saved_at  # rank 0's clock
-            flags = torch.cat([bad_step.float().view(1), torch.tensor([bool(stop), due], device=device).float()])
+            flags = torch.cat([bad_step.float().view(1), torch.tensor([stop[0], due], device=device).float()])
             if world > 1:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)  # every process stops, and checkpoints, at the same step
-            bad, stopping, due = flags.tolist()
+            bad, stopping, due = flags.tolist()  # stopping: the signal (any rank's), or 0
             if bad >= 0:
                 raise UserError(f"non-finite loss at step {int(bad)}; stopped. The last checkpoint in '{cfg.out}' "
                                 f"(step {'none' if s.saved_step is None else s.saved_step}) is intact")
             row = progress.log(rank_mean(s.stats).tolist(), s.step)  # the figures of the whole global batch
             if evaluating:
-                with progress.evaluating():  # rank 0 alone evaluates: every process holds the same EMA weights
-                    test = (s.ema, net, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
-                    row["test_acc"], row["centre_acc"] = evaluate(*test) if rank == 0 else (math.nan, math.nan)
-                    s.history.append(row)
-                    s.stats.zero_()
-                    save_checkpoint(s, cfg, world, rank)
-                    progress.evaluated(s.history)
+                began = time.time()  # rank 0 alone evaluates: every process holds the same EMA weights
+                test = (s.ema, net, D["test_x"], D["test_y"], D["normalize"], s.centres, s.seen)
+                row["test_acc"], row["centre_acc"] = evaluate(*test) if rank == 0 else (math.nan, math.nan)
+                s.history.append(row)
+                s.stats.zero_()
+                save_checkpoint(s, cfg, world, rank)
+                progress.evaluated(s.history, time.time() - began)
             elif stopping or due or s.step == cfg.stop_at:
                 save_checkpoint(s, cfg, world, rank)
             if stopping:
-                raise Interrupted(stop[0] if stop else signal.SIGTERM, s.step)
+                raise Interrupted(int(stopping), s.saved_step, cfg.out)
             if s.step == cfg.stop_at:
                 break
     return summarise(s, cfg, world, rank, device, progress.steps_per_second(s.step))
@@ -1595,16 +1614,14 @@ def predict(model: Classifier, images: torch.Tensor, batch: int = 1024):
     return probs.argmax(1), probs
 
 def evaluate_run(cfg: Config):
-    """--evaluate: test accuracy of the EMA and the live model of the run in --out, without training."""
+    """--evaluate: test accuracy of the EMA and the live model of the run in --out (data from --data-dir if given)."""
     ck, device = read_checkpoint(cfg.out), pick_device(cfg.device, 0)
     ema, live = classifier(ck, "ema").to(device), classifier(ck, "model").to(device)
     saved = Config(**{k: v for k, v in ck["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
     if saved.dataset not in DATASET_DEFAULTS:
         raise UserError(f"'{cfg.out}' was trained on tensors given to train(): evaluate it from Python with "
                         f"predict(load('{cfg.out}'), test_x)")
-    if cfg.data_dir != Config.data_dir:  # the data moved since training
-        saved = dataclasses.replace(saved, data_dir=cfg.data_dir)
-    data = load_data(saved)
+    data = load_data(dataclasses.replace(saved, data_dir=cfg.data_dir) if cfg.data_dir != Config.data_dir else saved)
     n = len(data["test_y"])
     accs = [(predict(m, data["test_x"])[0].cpu() == data["test_y"]).sum().item() / n for m in (ema, live)]
     print(f"{cfg.out}: step {ema.step} of {saved.steps}, {n} test images: "
@@ -1612,8 +1629,8 @@ def evaluate_run(cfg: Config):
     return accs
 
 # What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment
-NOT_IN_TABLE = BOOKKEEPING + ("torchrun_job", "seed", "data_dir", "device", "precision", "channels_last", "compile",
-                              "evaluate", "table")
+NOT_IN_TABLE = BOOKKEEPING + ("job", "torchrun_job", "seed", "data_dir", "device", "precision", "channels_last",
+                              "compile", "evaluate", "table")  # torchrun_job: the job's id before version 6
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 
 def short_names(paths: set) -> dict:
@@ -1629,14 +1646,8 @@ def short_names(paths: set) -> dict:
 def results_table(root: str) -> str:
     """--table: per algorithm and settings that differ from the defaults (rows) and dataset@labels (columns), the
     median of the last 20 evaluations over seeds, from every summary.json below root; one seed's runs averaged."""
-    runs = []
-    for folder, _, files in sorted(os.walk(root)):
-        if "summary.json" in files and "config.json" in files:
-            try:
-                with open(os.path.join(folder, "config.json")) as fc, open(os.path.join(folder, "summary.json")) as fs:
-                    runs.append((folder, json.load(fc), json.load(fs)))
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read the run in '{folder}' ({type(e).__name__}: {e})") from None
+    runs = [(folder, *(read_json(os.path.join(folder, name), strict=True) for name in ("config.json", "summary.json")))
+            for folder, _, files in sorted(os.walk(root)) if {"summary.json", "config.json"} <= set(files)]
     if not runs:
         raise UserError(f"no finished runs (summary.json with its config.json) below '{root}'")
     data_names = short_names({cfg["data_dir"] for _, cfg, _ in runs if cfg["dataset"] in OWN_DATA})

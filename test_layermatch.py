@@ -41,8 +41,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(autouse=True)
 def own_cache_folder(tmp_path, monkeypatch):
-    """Decoded-image caches go below the test's folder (and its subprocesses'), never into ~/.cache."""
+    """Decoded-image caches go below the test's folder (and its subprocesses'), never into ~/.cache; no test is a start
+    of the Slurm job that may run the suite."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
 
 
 def run_cli(*args, timeout=300, env=None, cwd=None):
@@ -718,46 +720,108 @@ def states_equal(a, b):
 def test_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
     common = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=24, eval_every=8)
     lm.train(lm.Config(**common, out=str(tmp_path / "straight")))
-    for out in ("split", "restarted"):
-        half = lm.train(lm.Config(**common, out=str(tmp_path / out), stop_at=12))  # not at an evaluation
-        assert half == dict(half, steps=12, finished=False)
+    half = lm.train(lm.Config(**common, out=str(tmp_path / "split"), stop_at=12))  # not at an evaluation
+    assert half == dict(half, steps=12, finished=False)
     capsys.readouterr()
     lm.train(lm.Config(**common, out=str(tmp_path / "split"), resume=True))
     assert "note:" not in capsys.readouterr().err  # nothing changed, nothing noted
-    # a torchrun restart of the command as first started (--overwrite included) continues the run just as well
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    lm.train(lm.Config(**common, out=str(tmp_path / "restarted"), overwrite=True))
-    assert "resumed at step 12 after a restart" in capsys.readouterr().err
-    for out in ("split", "restarted"):
+    # a requeued Slurm job runs its command again, --overwrite included: the second start continues the run
+    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    lm.train(lm.Config(**common, out=str(tmp_path / "requeued"), overwrite=True, stop_at=12))
+    lm.train(lm.Config(**common, out=str(tmp_path / "requeued"), overwrite=True))
+    assert f"continuing job 17's run in '{tmp_path / 'requeued'}' at step 12\n" in capsys.readouterr().err
+    for out in ("split", "requeued"):
         assert states_equal(tmp_path / "straight" / "checkpoint.pt", tmp_path / out / "checkpoint.pt")
         assert open(tmp_path / "straight" / "metrics.csv").read() == open(tmp_path / out / "metrics.csv").read()
 
 
-def test_a_restart_before_the_first_checkpoint_starts_again(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "config.json").write_text("{}")  # what a first start leaves before its first checkpoint
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    summary = lm.train(lm.Config(dataset="digits", labels=20, batch_size=8, uratio=2, steps=4, eval_every=2,
-                                 out=str(out)))
-    assert summary["finished"] and "training starts again from step 0" in capsys.readouterr().err
-    assert json.load(open(out / "config.json"))["steps"] == 4
+DIGITS = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=4, eval_every=2)
 
 
-def test_a_start_of_the_same_torchrun_job_is_a_restart_though_torchrun_does_not_count_it(tmp_path, monkeypatch, capsys):
-    """torchrun restarts the group for a node that joins (--nnodes MIN:MAX) without counting a restart: the job's id in
-    config.json tells that start from a new job's, so the command's --overwrite is not applied again."""
+def files(folder):
+    return {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+
+
+def test_a_start_before_the_first_checkpoint_and_resume_where_there_is_no_run_yet_start_it(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """One command starts or continues: --resume on a folder that does not exist, or holds only a config.json of this
+    experiment (a start killed before its first checkpoint), starts the run; so does a later start of that job."""
     out = tmp_path / "run"
-    command = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=8, eval_every=4, out=str(out),
-                   overwrite=True)
+    assert lm.train(lm.Config(**DIGITS, out=str(out), resume=True))["finished"]
+    assert capsys.readouterr().err.startswith(f"note: '{out}' holds no run yet: --resume starts it\n")
+    for name in lm.RUN_FILES:
+        os.remove(out / name)  # what a start killed before its first checkpoint leaves
+    assert lm.train(lm.Config(**DIGITS, out=str(out), resume=True))["finished"]
+    for name in lm.RUN_FILES:
+        os.remove(out / name)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    (out / "config.json").write_text(json.dumps(dict(DIGITS, job="job-1")))
+    assert lm.train(lm.Config(**DIGITS, out=str(out)))["finished"]
+    assert "continuing job job-1's run in" in capsys.readouterr().err
+    assert json.load(open(out / "config.json"))["job"] == "job-1"
+
+
+def test_only_a_start_of_the_job_that_wrote_the_folder_continues_it(tmp_path, monkeypatch, capsys):
+    """torchrun restarts the group for a node that joins (--nnodes MIN:MAX) without counting a restart, and a requeued
+    Slurm job runs its command again: the job's id in config.json tells such a start from a new job's, so the command's
+    --overwrite is not applied again. A job id reused for another experiment is refused, never resumed."""
+    out = tmp_path / "run"
+    command = dict(DIGITS, steps=8, eval_every=4, out=str(out), overwrite=True)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
     lm.train(lm.Config(**command, stop_at=4))
-    lm.train(lm.Config(**command))  # the same job started again
-    assert "resumed at step 4 after a restart" in capsys.readouterr().err
+    capsys.readouterr()
+    before = files(out)
+    with pytest.raises(lm.UserError, match="cannot resume: the run has --seed 0, this command --seed 1"):
+        lm.train(lm.Config(**command, seed=1))  # the id reused for another experiment
+    lm.train(lm.Config(**command, seed=0))  # the same job started again
+    assert files(out) != before and f"continuing job job-1's run in '{out}' at step 4\n" in capsys.readouterr().err
     assert [h["step"] for h in weights(out)["history"]] == [4, 8]
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")  # another job: --overwrite starts afresh
     lm.train(lm.Config(**command, stop_at=4))
     assert [h["step"] for h in weights(out)["history"]] == [4] and not (out / "summary.json").exists()
+
+
+def test_a_refusal_is_never_a_deletion_at_any_attempt(tmp_path, monkeypatch):
+    """Launched by mistake into a finished run whose checkpoint was deleted, or into another experiment's folder
+    without a checkpoint: every attempt of the new job (torchrun restarts it, with the same id) is refused, and not
+    one byte changes."""
+    done = tmp_path / "done"
+    lm.train(lm.Config(**DIGITS, out=str(done)))
+    os.remove(done / "checkpoint.pt")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(dict(DIGITS, seed=5, job="their-job")))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "new-job")
+    for folder in (done, other):
+        before = files(folder)
+        for attempt in ("0", "1"):
+            monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+            with pytest.raises(SystemExit, match="output folder .* exists: add --resume"):
+                lm.main(list(map(str, (*TINY, "--steps", 8, "--eval-every", 2, "--out", folder))))
+        refused = "no checkpoint.pt in .* it holds other files|--seed 5, this command --seed 0"
+        with pytest.raises(SystemExit, match=refused):
+            lm.main(list(map(str, (*TINY, "--steps", 8, "--eval-every", 2, "--out", folder, "--resume"))))
+        assert files(folder) == before
+
+
+def test_a_restart_after_an_early_death_applies_overwrite(tmp_path, monkeypatch, capsys):
+    """--overwrite --lr 0.05 over an old run that has a checkpoint; attempt 0 dies loading (before the folder is
+    prepared): the restart overwrites as the command says, it does not resume the old run."""
+    out = tmp_path / "run"
+    lm.train(lm.Config(**DIGITS, out=str(out), stop_at=2))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "new-job")
+    load = lm.load_data
+    monkeypatch.setattr(lm, "load_data", lambda cfg: (_ for _ in ()).throw(lm.UserError("out of memory")))
+    with pytest.raises(SystemExit, match="out of memory"):
+        lm.main(list(map(str, (*TINY, "--steps", 4, "--eval-every", 2, "--lr", 0.05, "--out", out, "--overwrite"))))
+    monkeypatch.setattr(lm, "load_data", load)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    lm.main(list(map(str, (*TINY, "--steps", 4, "--eval-every", 2, "--lr", 0.05, "--out", out, "--overwrite"))))
+    assert "continuing" not in capsys.readouterr().err
+    ck = weights(out)  # the first row is the new run's: its learning rate is 0.05's, not the old run's 0.03's
+    assert [h["step"] for h in ck["history"]] == [2, 4] and ck["world_sizes"] == [1]
+    assert ck["history"][0]["lr"] == lm.learning_rate(lm.resolve(lm.Config(**DIGITS, lr=0.05), False), 1)
+    assert json.load(open(out / "config.json"))["job"] == "new-job"
 
 
 def test_a_checkpoint_also_every_ten_minutes(tmp_path, monkeypatch):
@@ -785,8 +849,9 @@ def straight(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM twice"])
 def test_killed_run_resumes_to_the_same_weights(straight, tmp_path, sig):
+    """SIGTERM is sent twice, 50 ms apart, as by Slurm and a launcher that passes it on: the second kills nothing."""
     args, out = KILLED_ARGS, tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "layermatch.py"), *map(str, args), "--out", out],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -795,21 +860,74 @@ def test_killed_run_resumes_to_the_same_weights(straight, tmp_path, sig):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(sig)
+    if sig == signal.SIGTERM:
+        time.sleep(0.05)
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == (-9 if sig == signal.SIGKILL else 128 + sig), err
     saved = torch.load(out / "checkpoint.pt", weights_only=True)  # loadable whatever the moment of the kill
     assert 20 <= saved["step"] < 80
     if sig == signal.SIGTERM:
-        assert "checkpoint saved" in err and "Traceback" not in err
+        assert err.endswith(f"layermatch.py: interrupted by SIGTERM: checkpoint of step {saved['step']} saved in "
+                            f"'{out}'; the same command with --resume continues it\n"), err
     r = run_cli(*args, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert states_equal(straight / "checkpoint.pt", out / "checkpoint.pt")
     assert open(straight / "metrics.csv").read() == open(out / "metrics.csv").read()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
+def test_slurms_early_signals_save_and_stop_as_sigterm_does(tmp_path, monkeypatch, capsys, sig):
+    """What Slurm sends before a time limit or preemption where a job asks (--signal=USR1@120: Lightning listens for
+    it; submitit for USR2), here to this process during step 5: the run saves step 5 and exits 128 + signal."""
+    step, steps = lm.layermatch_step, []
+
+    def signalled_at_step_5(*args):
+        steps.append(1)
+        if len(steps) == 5:
+            os.kill(os.getpid(), sig)
+        return step(*args)
+    monkeypatch.setattr(lm, "layermatch_step", signalled_at_step_5)
+    monkeypatch.setattr(lm, "ECHO_SECONDS", 0.0)  # no launcher's copy to wait for
+    with pytest.raises(SystemExit) as e:
+        lm.main(list(map(str, (*TINY, "--steps", 40, "--eval-every", 20, "--out", tmp_path / "run"))))
+    assert e.value.code == 128 + sig and weights(tmp_path / "run")["step"] == 5
+    assert f"interrupted by {signal.Signals(sig).name}: checkpoint of step 5 saved" in capsys.readouterr().err
+
+
+def test_a_repeated_stop_signal_is_ignored_for_two_seconds_then_kills(monkeypatch):
+    """Launchers pass a stop on to processes that got it already (torchrun, run_cifar.sh, Slurm signals every process):
+    a repeat within ECHO_SECONDS changes nothing, also after the loop (the caller's handlers come back only once the
+    window is over); a later one ends the process at once, as Ctrl-C twice."""
+    clock, killed, slept = [100.0], [], []
+    monkeypatch.setattr(lm, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: clock[0],
+                                                          sleep=lambda seconds: slept.append(seconds)))
+    monkeypatch.setattr(lm.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    before = {sig: signal.getsignal(sig) for sig in lm.STOP_SIGNALS}
+    with lm.signals_to_flag() as stop:
+        assert stop == [0, 0]
+        on_signal = signal.getsignal(signal.SIGTERM)
+        assert all(signal.getsignal(sig) is on_signal for sig in lm.STOP_SIGNALS) and len(lm.STOP_SIGNALS) == 4
+        on_signal(signal.SIGTERM, None)
+        clock[0] += lm.ECHO_SECONDS
+        on_signal(signal.SIGTERM, None)
+        on_signal(signal.SIGINT, None)
+        assert stop == [signal.SIGTERM, 100.0] and killed == []  # the first signal, and when
+        clock[0] += 0.01
+        on_signal(signal.SIGINT, None)
+        assert killed == [(os.getpid(), signal.SIGINT)] and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert slept == [0.0] and {sig: signal.getsignal(sig) for sig in lm.STOP_SIGNALS} == before
+    with lm.signals_to_flag() as stop:  # the loop ends 0.5 s after the signal: 1.5 s more for its copies
+        signal.getsignal(signal.SIGUSR1)(signal.SIGUSR1, None)
+        clock[0] += 0.5
+    assert stop[0] == signal.SIGUSR1 and slept == [0.0, lm.ECHO_SECONDS - 0.5]
+    assert {sig: signal.getsignal(sig) for sig in lm.STOP_SIGNALS} == before
+
+
 def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    assert run_cli(*TINY, "--steps", 4, "--eval-every", 2, "--out", out).returncode == 0
+    assert run_cli(*TINY, "--steps", 4, "--eval-every", 2, "--out", out, env=dict(os.environ, SLURM_JOB_ID="5")
+                   ).returncode == 0
     ck = out / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[:5000])  # truncated, as by a full disk
     before = ck.read_bytes()
@@ -817,7 +935,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path, monkeypatc
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "corrupt" in r.stderr
     assert ck.read_bytes() == before
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a torchrun restart stops at the same error
+    monkeypatch.setenv("SLURM_JOB_ID", "5")  # a later start of the job that wrote it stops at the same error
     with pytest.raises(lm.UserError, match="corrupt"):
         lm.train(lm.Config(dataset="digits", labels=20, batch_size=8, uratio=2, steps=8, eval_every=2, out=str(out)))
     assert ck.read_bytes() == before
@@ -924,13 +1042,12 @@ def test_existing_output_folder_and_resume_mismatch(tmp_path, monkeypatch):
     assert r.returncode != 0 and "--resume" in r.stderr and "--overwrite" in r.stderr
     r = run_cli(*TINY, "--steps", 2, "--out", out, "--resume", "--seed", 3)
     assert r.returncode != 0 and "--seed 0, this command --seed 3" in r.stderr
-    assert run_cli(*TINY, "--steps", 2, "--out", tmp_path / "nothing", "--resume").returncode != 0
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a torchrun restart checks just the same
-    with pytest.raises(lm.UserError, match="--seed 0, this command --seed 3"):
-        lm.train(lm.Config(dataset="digits", labels=20, batch_size=8, uratio=2, steps=2, out=str(out), seed=3))
-    with pytest.raises(lm.UserError, match="no checkpoint.pt in"):  # and a --resume still needs a checkpoint
-        lm.train(lm.Config(dataset="digits", labels=20, steps=2, out=str(tmp_path / "nothing"), resume=True))
     assert (out / "checkpoint.pt").read_bytes() == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a run")  # --resume starts only where there is no run yet
+    with pytest.raises(lm.UserError, match="there is no checkpoint.pt in .* it holds other files"):
+        lm.train(lm.Config(dataset="digits", labels=20, steps=2, out=str(tmp_path / "notes"), resume=True))
+    assert os.listdir(tmp_path / "notes") == ["todo.txt"]
 
 
 def test_bad_user_data_is_a_clear_error(tmp_path):
@@ -1379,10 +1496,16 @@ def test_on_a_gpu_auto_places_the_images_by_the_free_memory(tmp_path, monkeypatc
 # Two processes with torchrun (gloo on the CPU)
 
 
-def torchrun(*args, out, script=os.path.join(HERE, "layermatch.py"), launcher=()):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, launcher),
+def torchrun(*args, out, script=os.path.join(HERE, "layermatch.py"), launcher=("--standalone",)):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *map(str, launcher),
            script, *map(str, (*TINY, "--device", "cpu", "--out", out, *args))]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 RANK_SPY = """
@@ -1441,11 +1564,42 @@ def test_torchrun_two_processes(ddp_run, ddp_stopped, tmp_path):
     assert sorted(os.listdir(ddp_run / "ddp")) == ["checkpoint.pt", "config.json", "metrics.csv", "summary.json"]
     assert open(ddp_run / "ddp" / "metrics.csv").read().count("\n") == 1 + 3  # header + one row per evaluation
     assert (ddp_run / "output.txt").read_text().count("| test acc") == 3  # rank 0 alone reports
-    # stop half-way and resume under torchrun: the same result as the straight run, and no note of a change
-    shutil.copytree(ddp_stopped, tmp_path / "split")
-    r = torchrun(*DDP_ARGS, "--resume", out=tmp_path / "split")
-    assert r.returncode == 0 and "note:" not in r.stderr, r.stderr[-3000:]
-    assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "split" / "checkpoint.pt")
+
+
+STOPPED_BY_THE_CLUSTER = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import layermatch as lm
+if os.environ["RANK"] == "0" and not os.path.exists({marker!r}):  # the first launch only
+    save = lm.save_checkpoint
+    def save_then_stop(s, *args):  # after the first evaluation the cluster signals the job: every process, the agent
+        save(s, *args)             # too, which passes SIGTERM on to both workers (rank 0 gets it twice)
+        if s.step == 4:
+            open({marker!r}, "w").close()
+            os.kill(os.getppid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+    lm.save_checkpoint = save_then_stop
+lm.main(sys.argv[1:])
+"""
+
+
+def test_a_torchrun_job_stopped_and_started_again_with_the_same_command_continues(ddp_run, tmp_path):
+    """As a Slurm job with --requeue: SIGTERM at step 4 (to the agent and rank 0), the checkpoint of step 8 (the group's
+    next exchange), then the same line again, --overwrite and --rdzv-id included: it continues the run, whose
+    metrics.csv and weights are the uninterrupted run's."""
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED_BY_THE_CLUSTER.format(here=HERE, marker=str(tmp_path / "signalled")))
+    launcher = ("--nnodes", 1, "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                "--rdzv-id", "job-7")
+    stopped = torchrun(*DDP_ARGS, "--overwrite", out=tmp_path / "run", script=script, launcher=launcher)
+    assert stopped.returncode != 0 and f"layermatch.py: interrupted by SIGTERM: checkpoint of step 8 saved in " \
+        f"'{tmp_path / 'run'}'" in stopped.stderr, stopped.stderr[-3000:]
+    again = torchrun(*DDP_ARGS, "--overwrite", out=tmp_path / "run", script=script, launcher=launcher)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"continuing job job-7's run in '{tmp_path / 'run'}' at step 8\n" in again.stderr and \
+        "note:" not in again.stderr, again.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.csv").read_text() == (ddp_run / "ddp" / "metrics.csv").read_text()
+    assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
 
 
 ANOTHER_COUNT = "note: the checkpoint is from {} processes, this run has {}; augmentation and sampling continue"
@@ -1458,12 +1612,41 @@ def test_a_checkpoint_continues_on_another_process_count(ddp_stopped, tmp_path, 
     lm.main(list(map(str, (*TINY, *DDP_ARGS, "--device", "cpu", "--out", tmp_path / "shrunk", "--resume"))))
     assert capsys.readouterr().err.count(ANOTHER_COUNT.format(2, 1)) == 1
     lm.main(list(map(str, (*TINY, *DDP_ARGS, "--device", "cpu", "--out", tmp_path / "grown", "--stop-at", 6))))
-    r = torchrun(*DDP_ARGS, "--resume", out=tmp_path / "grown")
+    script = tmp_path / "spy.py"
+    script.write_text(RANK_SPY.format(here=HERE, spies=str(tmp_path)))
+    r = torchrun(*DDP_ARGS, "--resume", out=tmp_path / "grown", script=script)
     assert r.returncode == 0 and r.stderr.count(ANOTHER_COUNT.format(1, 2)) == 1, r.stderr[-3000:]  # rank 0's
+    labels = [json.load(open(tmp_path / f"{rank}.json"))["labels"] for rank in (0, 1)]
+    assert len(labels[0]) == len(labels[1]) == 6 and labels[0] != labels[1]  # each rank its own batches
     for out, sizes in (("shrunk", [2, 1]), ("grown", [1, 2])):
         summary = json.load(open(tmp_path / out / "summary.json"))
         assert summary["finished"] and summary["world_sizes"] == sizes and summary["evaluations"] == 3
         assert weights(tmp_path / out)["world_sizes"] == sizes
+
+
+RANK_0_CLOCK = """
+import itertools, json, os, sys, time, types
+sys.path.insert(0, {here!r})
+import layermatch as lm
+if os.environ["RANK"] == "0":  # rank 0's clock is 599 s further at every reading; rank 1's is the real one
+    clock = itertools.count(10**9, 599)
+    lm.time = types.SimpleNamespace(time=time.time, monotonic=lambda: next(clock))
+save, saves = lm.save_checkpoint, []
+lm.save_checkpoint = lambda s, *args: saves.append(s.step) or save(s, *args)
+lm.main(sys.argv[1:])
+with open(os.path.join({folder!r}, os.environ["RANK"] + ".json"), "w") as fh:
+    json.dump(saves, fh)
+"""
+
+
+def test_the_clocks_checkpoint_is_taken_by_every_process(tmp_path):
+    """--checkpoint-minutes under torchrun: rank 0's clock says when, the loop's exchange tells every rank, and all
+    enter the checkpoint's collectives at the same step (16, as in one process), whatever their own clocks say."""
+    script = tmp_path / "clock.py"
+    script.write_text(RANK_0_CLOCK.format(here=HERE, folder=str(tmp_path)))
+    r = torchrun("--steps", 20, "--eval-every", 20, out=tmp_path / "run", script=script)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [json.load(open(tmp_path / f"{rank}.json")) for rank in (0, 1)] == [[16, 20], [16, 20]]
 
 
 def test_another_process_count_that_does_not_divide_the_batch_is_refused(ddp_stopped, tmp_path, monkeypatch):
@@ -1505,7 +1688,8 @@ def test_a_checkpoint_rank_0_cannot_read_stops_every_rank_in_one_line(ddp_stoppe
     shutil.copytree(ddp_stopped, out)
     (out / "checkpoint.pt").write_bytes((ddp_stopped / "checkpoint.pt").read_bytes()[:5000])  # truncated
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-    r = torchrun(*DDP_ARGS, "--resume", out=out, launcher=("--log-dir", tmp_path / "logs", "--redirects", 2))
+    r = torchrun(*DDP_ARGS, "--resume", out=out,
+                 launcher=("--standalone", "--log-dir", tmp_path / "logs", "--redirects", 2))
     logs = [open(glob.glob(str(tmp_path / "logs" / "*" / "attempt_0" / str(rank) / "stderr.log"))[0]).read()
             for rank in (0, 1)]
     corrupt = f"checkpoint '{out / 'checkpoint.pt'}' is truncated or corrupt"
@@ -1519,22 +1703,19 @@ KILLED_AT_THE_SECOND_CHECKPOINT = """
 import os, signal, sys, time
 sys.path.insert(0, {here!r})
 import layermatch as lm
-folder, victim, node = {folder!r}, {victim!r}, os.path.basename(os.getcwd())
-if node == "node0":  # a worker whose agent does not count the restart, as one restarting its workers for a peer
-    os.environ["TORCHELASTIC_RESTART_COUNT"] = "0"
-writing, pid_file = os.path.join(folder, "writing"), os.path.join(folder, "victim.pid")
-if victim in (node, "rank" + os.environ["RANK"]) and not os.path.exists(pid_file):  # the first start only
+writing, pid_file = os.path.join({folder!r}, "writing"), os.path.join({folder!r}, "victim.pid")
+if os.environ["RANK"] == "1" and not os.path.exists(pid_file):  # the first start only
     open(pid_file, "w").write(str(os.getpid()))
     save, saves = lm.save_checkpoint, []
     def save_then_die(*args):
         save(*args)
         saves.append(1)
-        while len(saves) == 2 and victim == "rank1" and not os.path.exists(writing):  # rank 0 is writing it
+        while len(saves) == 2 and not os.path.exists(writing):  # rank 0 is writing it
             time.sleep(0.01)
         if len(saves) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
     lm.save_checkpoint = save_then_die
-if victim == "rank1" and os.environ["RANK"] == "0" and not os.path.exists(writing):
+if os.environ["RANK"] == "0" and not os.path.exists(writing):
     atomic_write, paths = lm.atomic_write, []
     def gone(pid):
         try:
@@ -1561,9 +1742,9 @@ def test_a_torchrun_restart_continues_the_run_exactly(ddp_run, tmp_path):
     survivor stops in one line, the checkpoint is complete, the restarted group resumes it by itself and ends as the
     uninterrupted run did: the same metrics.csv byte for byte and the same weights."""
     script = tmp_path / "killed.py"
-    script.write_text(KILLED_AT_THE_SECOND_CHECKPOINT.format(here=HERE, folder=str(tmp_path), victim="rank1"))
+    script.write_text(KILLED_AT_THE_SECOND_CHECKPOINT.format(here=HERE, folder=str(tmp_path)))
     r = torchrun(*DDP_ARGS, "--overwrite", out=tmp_path / "run", script=script,
-                 launcher=("--max-restarts", 1, "--log-dir", tmp_path / "logs", "--redirects", 2))
+                 launcher=("--standalone", "--max-restarts", 1, "--log-dir", tmp_path / "logs", "--redirects", 2))
     logs = lambda attempt, rank: open(glob.glob(str(tmp_path / "logs" / "*" / f"attempt_{attempt}" / str(rank) /
                                                     "stderr.log"))[0]).read()
     assert r.returncode == 0, r.stderr[-3000:] + logs(0, 0)[-2000:] + logs(1, 0)[-2000:]
@@ -1571,34 +1752,53 @@ def test_a_torchrun_restart_continues_the_run_exactly(ddp_run, tmp_path):
     assert "Traceback" not in survivor and re.search(
         r"\nlayermatch.py: error: lost contact with another process at step \d+ \(killed\?\); the last checkpoint in "
         r"'.*run' \(step 8\) is intact\n$", survivor), survivor[-2000:]
-    assert "resumed at step 8 after a restart" in logs(1, 0)  # not started afresh, --overwrite not applied again
+    assert re.search(r"^continuing job .+'s run in '.*run' at step 8$", logs(1, 0), re.M)  # no --overwrite again
     assert (tmp_path / "run" / "metrics.csv").read_text() == (ddp_run / "ddp" / "metrics.csv").read_text()
     assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
 
 
-def test_two_nodes_restart_whichever_agents_counted_it(ddp_run, tmp_path):
-    """Two c10d "nodes" on this machine, each started in a folder of its own with the same absolute --out, as the
-    README's command; node 1's worker is SIGKILLed at the second checkpoint. Node 0's worker is told that its agent
-    did not count the restart (what an agent does when it restarts its workers for a peer's sake): both finish."""
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED_AT_THE_SECOND_CHECKPOINT.format(here=HERE, folder=str(tmp_path), victim="node1"))
+NODE_LOST = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import layermatch as lm
+if os.path.basename(os.getcwd()) == "node1":  # lost for good after the second evaluation: its agent and worker die
+    save, saves = lm.save_checkpoint, []
+    def save_then_die(*args):
+        save(*args)
+        saves.append(1)
+        if len(saves) == 2:
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+    lm.save_checkpoint = save_then_die
+lm.main(sys.argv[1:])
+"""
+
+
+def test_a_lost_node_and_the_other_goes_on_alone(tmp_path):
+    """The README's elastic command on two c10d "nodes" of this machine, each started in a folder of its own with the
+    same absolute --out. Node 1 (agent and worker) is SIGKILLed after the second evaluation: node 0's worker stops in
+    one line, its agent starts it again without node 1, and it continues the job's run on one process to the end."""
+    script = tmp_path / "lost.py"
+    script.write_text(NODE_LOST.format(here=HERE))
     env = dict(os.environ, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nodes = []
+    port, nodes = free_port(), []
     for node in (0, 1):
         os.makedirs(tmp_path / f"node{node}")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1, "--max-restarts",
-               1, "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", script,
-               *TINY, "--device", "cpu", "--out", tmp_path / "run", *DDP_ARGS]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", 1,
+               "--max-restarts", 1, "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
+               "elastic", "--rdzv-conf", f"is_host={node == 0},last_call_timeout=5,keep_alive_interval=2,"
+               "keep_alive_max_attempt=3",  # node 0 hosts the rendezvous, as HOST in the README's command
+               script, *TINY, "--device", "cpu", "--out", tmp_path / "run", *DDP_ARGS]
         nodes.append(subprocess.Popen(list(map(str, cmd)), cwd=tmp_path / f"node{node}", env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    assert "resumed at step 8 after a restart" in "".join(outputs)
-    assert (tmp_path / "run" / "metrics.csv").read_text() == (ddp_run / "ddp" / "metrics.csv").read_text()
-    assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
+    assert [node.returncode for node in nodes] == [0, -signal.SIGKILL], "\n".join(o[-3000:] for o in outputs)
+    assert re.search(r"\nlayermatch.py: error: lost contact with another process at step \d+ \(killed\?\); the last "
+                     r"checkpoint in '.*run' \(step 8\) is intact\n", outputs[0]), outputs[0][-3000:]
+    assert f"continuing job elastic's run in '{tmp_path / 'run'}' at step 8\n" in outputs[0]
+    assert outputs[0].count(ANOTHER_COUNT.format(2, 1)) == 1
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["finished"] and summary["world_sizes"] == [2, 1] and summary["evaluations"] == 3
 
 
 SLOW_DOWNLOAD = """
@@ -1653,27 +1853,21 @@ def test_restarts_on_several_nodes_need_a_store_per_round(tmp_path, monkeypatch)
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
 
 
-def test_nccl_joins_through_the_same_store_and_agrees_on_restarts(monkeypatch):
+def test_nccl_joins_through_the_agents_store_under_this_restarts_prefix(monkeypatch):
     """No GPU here: setup_processes on a CUDA device with NCCL's init replaced by a recorder. NCCL gets the agent's
-    store under this restart's prefix, and the restart is agreed over a CPU (gloo) group, as under gloo."""
+    store under this restart's prefix (a new group never reads a dead one's keys), and a gloo group for host work."""
     server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True)
-    torchrun_worker(monkeypatch, MASTER_PORT=server.port)
+    torchrun_worker(monkeypatch, MASTER_PORT=server.port, TORCHELASTIC_RESTART_COUNT=2)
     calls = {}
     monkeypatch.setattr(lm, "pick_device", lambda name, local_rank: torch.device("cuda", local_rank))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(set_device=device))
     monkeypatch.setattr(lm.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
     monkeypatch.setattr(lm.dist, "new_group", lambda backend, timeout: f"a {backend} group")
-
-    def all_reduce(t, op, group):  # the other process's agent counted a restart, this one's did not
-        calls.update(reduced_on=(t.device.type, group))
-        t.fill_(max(int(t), 1))
-    monkeypatch.setattr(lm.dist, "all_reduce", all_reduce)
-    rank, world, device, gloo, restarted = lm.setup_processes(lm.resolve(lm.Config(dataset="digits"), False))
-    assert (rank, world, device, gloo, restarted) == (1, 2, torch.device("cuda", 1), "a gloo group", True)
+    rank, world, device, gloo = lm.setup_processes(lm.resolve(lm.Config(dataset="digits"), False))
+    assert (rank, world, device, gloo) == (1, 2, torch.device("cuda", 1), "a gloo group")
     assert (calls["backend"], calls["rank"], calls["world_size"], calls["set_device"]) == ("nccl", 1, 2, device)
-    assert calls["reduced_on"] == ("cpu", "a gloo group")
     calls["store"].set("address", "of rank 1")
-    assert server.get("layermatch/restart0/address") == b"of rank 1"
+    assert server.get("layermatch/restart2/address") == b"of rank 1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2140,7 +2334,7 @@ def test_a_resumed_run_must_have_the_same_network_and_images(tmp_path):
     cfg = lm.Config(dataset="x", labels=8, arch="resnet18", pretrained=str(tmp_path / "w.pt"), batch_size=4, uratio=1,
                     steps=2, eval_every=1, stop_at=1, out=str(tmp_path / "p"))
     lm.train(cfg, data=synthetic(n_train=40, size=16))
-    with pytest.raises(lm.UserError, match=r"checkpoint has --pretrained .*w.pt, this command --pretrained \(none\)$"):
+    with pytest.raises(lm.UserError, match=r"run has --pretrained .*w.pt, this command --pretrained \(none\)$"):
         lm.train(dataclasses.replace(cfg, pretrained="", resume=True), data=synthetic(n_train=40, size=16))
 
 
@@ -2368,7 +2562,11 @@ def test_results_table_from_fake_summaries(tmp_path, capsys):
     (tmp_path / "cifar10@40-fixmatch-s0" / "summary.json").write_text('{"test_acc_med')  # cut off mid-write
     with pytest.raises(SystemExit) as e:
         lm.main(["--table", str(tmp_path)])
-    assert "cannot read the run in" in str(e.value.code) and "cifar10@40-fixmatch-s0" in str(e.value.code)
+    assert "cifar10@40-fixmatch-s0/summary.json' is unreadable or corrupt (not a JSON object)" in str(e.value.code)
+    (tmp_path / "cifar10@40-fixmatch-s0" / "summary.json").write_text('["a list"]')  # not an object
+    with pytest.raises(SystemExit) as e:
+        lm.main(["--table", str(tmp_path)])
+    assert "cifar10@40-fixmatch-s0/summary.json' is unreadable or corrupt (not a JSON object)" in str(e.value.code)
 
 
 def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
