@@ -738,16 +738,19 @@ def cache_lock(path: str):
             fcntl = None  # no lock held
         yield fcntl is not None
 
-def read_json(path: str, strict: bool = False) -> dict:
-    """The JSON object in path, {} if absent; strict: a file that holds anything else is an error, else {} too."""
+def read_json(path: str, needs: tuple | None = None) -> dict:
+    """The JSON object in path, {} if absent. needs (a run's files): a file that is not an object with those keys is
+    an error; without, it reads as {}."""
     try:
         with open(path) as fh:
             value = json.load(fh)
-    except (OSError, ValueError) as e:
-        value = {} if isinstance(e, FileNotFoundError) else None
-    if strict and not isinstance(value, dict):
-        raise UserError(f"'{path}' is unreadable or corrupt (not a JSON object); it was left untouched: move it away, "
-                        "or replace the run with --overwrite")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        value = None
+    if needs is not None and not (isinstance(value, dict) and set(needs) <= value.keys()):
+        raise UserError(f"'{path}' is unreadable or corrupt (not the JSON object a run writes); it was left untouched: "
+                        "move it away, or replace the run with --overwrite")
     return value if isinstance(value, dict) else {}
 
 def cache_meta(stem: str, nbytes: int) -> dict | None:
@@ -1050,13 +1053,16 @@ def atomic_write(path, write, tmp=None):
 def write_text(path, text, tmp=None):
     atomic_write(path, lambda fh: fh.write(text.encode()), tmp)
 
-def job_id() -> str | None:
-    """The id every start of this job shares, kept in config.json: torchrun's (--rdzv-id; new for each --standalone
-    launch), else Slurm's (a requeue keeps it). None: no start can be told to continue another."""
+def job_id() -> dict:
+    """This job as config.json records it: torchrun's run id (--rdzv-id; new per --standalone launch), else Slurm's
+    job id and requeue count (another launch in the allocation has the same: another job). None: no job known."""
     run = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none": the static rendezvous without --rdzv-id
-    return run if run != "none" else os.environ.get("SLURM_JOB_ID")
+    return dict(job=run, requeue=None) if run != "none" else \
+        dict(job=os.environ.get("SLURM_JOB_ID"), requeue=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
 
 RUN_FILES = ("checkpoint.pt", "metrics.csv", "summary.json")  # a run's results: only --overwrite removes them
+OWN = {"config.json", "tb", *(f"{name}.tmp" for name in ("config.json", *RUN_FILES))}  # a start's first files
+REPORTED = ("finished", "steps", "test_acc_median_last20", "test_acc_best", "test_acc_final")  # in every summary.json
 
 def prepare_out(cfg: Config):
     """The output folder: never silently reused or clobbered."""
@@ -1064,13 +1070,11 @@ def prepare_out(cfg: Config):
         raise UserError(f"output folder '{cfg.out}' exists: add --resume to continue it or --overwrite to replace it")
     try:
         if cfg.overwrite:
-            for name in RUN_FILES:
-                if os.path.exists(os.path.join(cfg.out, name)):
-                    os.remove(os.path.join(cfg.out, name))
+            for name in set(RUN_FILES) & set(os.listdir(cfg.out) if os.path.isdir(cfg.out) else []):
+                os.remove(os.path.join(cfg.out, name))
             shutil.rmtree(os.path.join(cfg.out, "tb"), ignore_errors=True)  # the old run's curves
         os.makedirs(cfg.out, exist_ok=True)
-        config = dataclasses.asdict(cfg) | dict(job=job_id())
-        write_text(os.path.join(cfg.out, "config.json"), json.dumps(config, indent=2))
+        write_text(os.path.join(cfg.out, "config.json"), json.dumps(dataclasses.asdict(cfg) | job_id(), indent=2))
     except OSError as e:
         raise UserError(f"cannot write to output folder '{cfg.out}' ({e.strerror or e})") from None
 
@@ -1278,42 +1282,42 @@ def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
     ck.clear()
 
 def resume_point(cfg: Config) -> tuple:
-    """What this start does with --out, decided by rank 0: (--resume and --overwrite as applied, checkpoint, finished
-    run's summary). It continues the run if asked (--resume) or if this job wrote it (its id in config.json: torchrun's
-    restarts, a node that joins, a Slurm requeue); any other start is a first start, so a refusal stays a refusal."""
-    job, file = job_id(), lambda name: os.path.join(cfg.out, name)
-    if job is None and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
-        print("note: this torchrun job has no id (static rendezvous without --rdzv-id), so its restarts apply this "
-              "command as a first start does: --resume continues, --overwrite starts again", file=sys.stderr)
-    ours = job is not None and read_json(file("config.json")).get("job") == job  # lenient: only our own counts
+    """What this start does with --out, decided by rank 0: (the command as applied, checkpoint, finished run's
+    summary). It continues the run if asked (--resume) or if this job wrote it (a torchrun restart, a node that
+    joins, a Slurm requeue), deleting nothing; any other start is a first start, so a refusal stays a refusal."""
+    file = lambda name: os.path.join(cfg.out, name)
+    if os.environ.get("TORCHELASTIC_RUN_ID") == "none" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
+        print("note: without --rdzv-id a torchrun restart is a first start: add --resume to continue", file=sys.stderr)
+    now, mine = job_id(), read_json(file("config.json"))  # lenient: a file that is not this job's is not ours
+    requeued = now["requeue"] is None or isinstance(mine.get("requeue"), int) and mine["requeue"] < now["requeue"]
+    ours = now["job"] is not None and mine.get("job") == now["job"] and requeued  # requeued: Slurm's, since then
     if not (cfg.resume or ours):
-        return {}, None, None
-    saved, done = (read_json(file(name), strict=True) for name in ("config.json", "summary.json"))
+        return cfg, None, None
+    found, done = os.path.exists(file("checkpoint.pt")), read_json(file("summary.json"), needs=REPORTED)
+    saved = read_json(file("config.json"), needs=())
     if done.get("finished") and done.get("steps") == cfg.steps:  # a finished run is left as it is
         check_resumable(cfg, saved)  # the same experiment, or an error naming the difference
         print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to do, no file changed", file=sys.stderr)
         report(done, cfg.out)
-        return {}, None, done
-    found = os.path.exists(file("checkpoint.pt"))  # if not: start where there is no run yet (at most its config.json)
-    if not found and (any(os.path.exists(file(name)) for name in RUN_FILES) or
-                      os.path.isdir(cfg.out) and os.listdir(cfg.out) and not os.path.exists(file("config.json"))):
-        raise UserError(f"there is no checkpoint.pt in '{cfg.out}' to continue, and it holds other files (another "
-                        "run's?); nothing was changed: choose another --out, or replace it with --overwrite")
-    ck = read_checkpoint(cfg.out) if found else dict(config=saved, step=0)
-    check_resumable(cfg, ck["config"])  # before anything is loaded or written
+        return cfg, None, done
+    others = set(os.listdir(cfg.out) if os.path.isdir(cfg.out) else []) - OWN  # OWN: what a start writes first
+    if not found and (others or os.path.exists(file("config.json")) and not set(IDENTITY) <= saved.keys()):
+        raise UserError(f"there is no checkpoint.pt in '{cfg.out}' to continue, and it holds other files "
+                        f"({', '.join(sorted(others) or ['config.json'])}); nothing was changed: choose another --out")
+    ck = read_checkpoint(cfg.out) if found else None
+    check_resumable(cfg, ck["config"] if found else saved)  # before anything is loaded or written
     if ours or not found:
-        print(f"continuing job {job}'s run in '{cfg.out}' at step {ck['step']}" if ours else
+        print(f"continuing job {saved['job']}'s run in '{cfg.out}' at step {ck['step'] if found else 0}" if ours else
               f"note: '{cfg.out}' holds no run yet: --resume starts it", file=sys.stderr)
-    return dict(resume=found, overwrite=not found), ck if found else None, None
+    return dataclasses.replace(cfg, resume=True, overwrite=False), ck, None
 
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)]
 ECHO_SECONDS = 2.0  # a repeat this soon is another sender of the same stop: torchrun, Slurm, timeout, run_cifar.sh
 
 @contextlib.contextmanager
 def signals_to_flag():
-    """Yields [signal, when] ([0, 0] until a stop signal): the loop checkpoints and exits. SIGUSR1/2: what Slurm sends
-    before a time limit or preemption where a job asks (--signal). A repeat within ECHO_SECONDS changes nothing
-    (launchers pass a stop on to processes that got it already); a later one kills at once (Ctrl-C twice)."""
+    """Yields [signal, when], [0, 0] until a stop signal (USR1/2: Slurm's --signal); the loop then saves and exits. A
+    repeat within ECHO_SECONDS (launchers pass a stop on) changes nothing; a later one kills at once (Ctrl-C twice)."""
     stop = [0, 0.0]
 
     def on_signal(signum, _):
@@ -1414,9 +1418,8 @@ class Progress(contextlib.AbstractContextManager):
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "step"} | {"img/s": f"{images:.0f}"})
         if self.tb:
             window = stats_row([a - b for a, b in zip(sums, self.logged)], self.cfg, step) | dict(images_per_s=images)
-            for k, v in window.items():
-                if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, step)
+            for k in sorted(window.keys() - {"step"}):
+                self.tb.add_scalar(f"train/{k}", window[k], step)
         self.logged = sums
         return row
 
@@ -1455,8 +1458,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     SummaryWriter = tensorboard_writer() if cfg.tensorboard else None
     rank, world, device, gloo = setup_processes(cfg)
     cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
-    changes, ck, done = from_rank_zero(gloo, rank, lambda: resume_point(cfg))
-    cfg = dataclasses.replace(cfg, **changes)
+    cfg, ck, done = from_rank_zero(gloo, rank, lambda: resume_point(cfg))
     if done:
         return done
     if rank == 0 and default_recipe and cfg.dataset == "folder":
@@ -1472,7 +1474,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
         labeled = labeled_subset(d["train_y"], cfg.labels, num_classes, cfg.seed, d.get("classes"))
         torch.manual_seed(cfg.seed)  # the same initialisation on every process
         net = make_network(dataclasses.asdict(cfg), num_classes, d["train_x"].shape[1:])
-        if cfg.pretrained and not cfg.resume:
+        if cfg.pretrained and ck is None:  # a checkpoint holds the weights
             load_pretrained(net, cfg.arch, cfg.pretrained)
         on_host, free = cfg.data_on == "host", free_memory(device)
         if free is not None and cfg.data_on != "host":  # a GPU: do the images fit beside the training?
@@ -1550,7 +1552,7 @@ def train(cfg: Config, data: dict | None = None) -> dict:
                 progress.evaluated(s.history, time.time() - began)
             elif stopping or due or s.step == cfg.stop_at:
                 save_checkpoint(s, cfg, world, rank)
-            if stopping:
+            if stopping and s.step < cfg.steps:  # at the last step the run is complete: its summary is written
                 raise Interrupted(int(stopping), s.saved_step, cfg.out)
             if s.step == cfg.stop_at:
                 break
@@ -1629,8 +1631,8 @@ def evaluate_run(cfg: Config):
     return accs
 
 # What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment
-NOT_IN_TABLE = BOOKKEEPING + ("job", "torchrun_job", "seed", "data_dir", "device", "precision", "channels_last",
-                              "compile", "evaluate", "table")  # torchrun_job: the job's id before version 6
+NOT_IN_TABLE = BOOKKEEPING + ("job", "requeue", "torchrun_job", "seed", "data_dir", "device", "precision",
+                              "channels_last", "compile", "evaluate", "table")  # torchrun_job: "job" before version 6
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 
 def short_names(paths: set) -> dict:
@@ -1646,7 +1648,8 @@ def short_names(paths: set) -> dict:
 def results_table(root: str) -> str:
     """--table: per algorithm and settings that differ from the defaults (rows) and dataset@labels (columns), the
     median of the last 20 evaluations over seeds, from every summary.json below root; one seed's runs averaged."""
-    runs = [(folder, *(read_json(os.path.join(folder, name), strict=True) for name in ("config.json", "summary.json")))
+    runs = [(folder, read_json(os.path.join(folder, "config.json"), needs=IDENTITY + ("data_dir",)),
+             read_json(os.path.join(folder, "summary.json"), needs=("test_acc_median_last20", "test_acc_best")))
             for folder, _, files in sorted(os.walk(root)) if {"summary.json", "config.json"} <= set(files)]
     if not runs:
         raise UserError(f"no finished runs (summary.json with its config.json) below '{root}'")

@@ -45,6 +45,7 @@ def own_cache_folder(tmp_path, monkeypatch):
     of the Slurm job that may run the suite."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
 
 
 def run_cli(*args, timeout=300, env=None, cwd=None):
@@ -728,6 +729,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
     # a requeued Slurm job runs its command again, --overwrite included: the second start continues the run
     monkeypatch.setenv("SLURM_JOB_ID", "17")
     lm.train(lm.Config(**common, out=str(tmp_path / "requeued"), overwrite=True, stop_at=12))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     lm.train(lm.Config(**common, out=str(tmp_path / "requeued"), overwrite=True))
     assert f"continuing job 17's run in '{tmp_path / 'requeued'}' at step 12\n" in capsys.readouterr().err
     for out in ("split", "requeued"):
@@ -742,6 +744,11 @@ def files(folder):
     return {f: (folder / f).read_bytes() for f in os.listdir(folder)}
 
 
+def run_config(job, **settings):
+    """The config.json that a start of DIGITS with these settings, in torchrun's job, writes."""
+    return json.dumps(dataclasses.asdict(lm.resolve(lm.Config(**DIGITS | settings), False)) | dict(job=job))
+
+
 def test_a_start_before_the_first_checkpoint_and_resume_where_there_is_no_run_yet_start_it(tmp_path, monkeypatch,
                                                                                              capsys):
     """One command starts or continues: --resume on a folder that does not exist, or holds only a config.json of this
@@ -754,11 +761,36 @@ def test_a_start_before_the_first_checkpoint_and_resume_where_there_is_no_run_ye
     assert lm.train(lm.Config(**DIGITS, out=str(out), resume=True))["finished"]
     for name in lm.RUN_FILES:
         os.remove(out / name)
+    (out / "config.json").rename(out / "config.json.tmp")  # killed while writing its config.json
+    assert lm.train(lm.Config(**DIGITS, out=str(out), resume=True))["finished"]
+    for name in lm.RUN_FILES:
+        os.remove(out / name)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
-    (out / "config.json").write_text(json.dumps(dict(DIGITS, job="job-1")))
+    (out / "config.json").write_text(run_config("job-1", out=str(out)))
     assert lm.train(lm.Config(**DIGITS, out=str(out)))["finished"]
     assert "continuing job job-1's run in" in capsys.readouterr().err
     assert json.load(open(out / "config.json"))["job"] == "job-1"
+
+
+BERT = '{"model_type": "bert"}'  # another program's config.json
+
+
+@pytest.mark.parametrize("theirs, message", [
+    ({"notes.txt": "{}"}, "it holds other files (notes.txt)"),
+    ({"config.json": BERT, "weights.bin": "w"}, "it holds other files (weights.bin)"),
+    ({"config.json": BERT}, "it holds other files (config.json)"),
+], ids=["notes", "a model", "a config"])
+def test_resume_never_takes_over_a_folder_of_something_else(tmp_path, theirs, message):
+    """--resume starts a run only where there is none yet: never in a folder of other files, nor in one whose
+    config.json is not a run's; one line, and every byte as it was."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    for name, text in theirs.items():
+        (out / name).write_text(text)
+    with pytest.raises(SystemExit) as e:
+        lm.main(list(map(str, (*TINY, "--steps", 2, "--out", out, "--resume"))))
+    assert message in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+    assert files(out) == {name: text.encode() for name, text in theirs.items()}
 
 
 def test_only_a_start_of_the_job_that_wrote_the_folder_continues_it(tmp_path, monkeypatch, capsys):
@@ -781,6 +813,23 @@ def test_only_a_start_of_the_job_that_wrote_the_folder_continues_it(tmp_path, mo
     assert [h["step"] for h in weights(out)["history"]] == [4] and not (out / "summary.json").exists()
 
 
+def test_a_slurm_job_continues_its_run_only_when_requeued(tmp_path, monkeypatch, capsys):
+    """Every launch of one Slurm allocation (salloc, an sbatch script of several commands) has the same job id; only a
+    requeue raises SLURM_RESTART_COUNT. So a second launch applies its command, and a requeued one continues."""
+    out, command = tmp_path / "run", (*TINY, "--steps", 4, "--eval-every", 2, "--out", tmp_path / "run")
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    lm.main(list(map(str, (*command, "--stop-at", 2))))
+    with pytest.raises(SystemExit, match="output folder .* exists"):
+        lm.main(list(map(str, command)))
+    lm.main(list(map(str, (*command, "--lr", 0.05, "--overwrite", "--stop-at", 2))))  # overwritten, not continued
+    assert weights(out)["history"][0]["lr"] == lm.learning_rate(lm.resolve(lm.Config(**DIGITS, lr=0.05), False), 1)
+    assert "continuing" not in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lm.main(list(map(str, (*command, "--lr", 0.05, "--overwrite"))))  # the requeue runs the same line again
+    assert f"continuing job 777's run in '{out}' at step 2\n" in capsys.readouterr().err
+    assert [h["step"] for h in weights(out)["history"]] == [2, 4] and json.load(open(out / "config.json"))["requeue"] == 1
+
+
 def test_a_refusal_is_never_a_deletion_at_any_attempt(tmp_path, monkeypatch):
     """Launched by mistake into a finished run whose checkpoint was deleted, or into another experiment's folder
     without a checkpoint: every attempt of the new job (torchrun restarts it, with the same id) is refused, and not
@@ -790,7 +839,7 @@ def test_a_refusal_is_never_a_deletion_at_any_attempt(tmp_path, monkeypatch):
     os.remove(done / "checkpoint.pt")
     other = tmp_path / "other"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps(dict(DIGITS, seed=5, job="their-job")))
+    (other / "config.json").write_text(run_config("their-job", seed=5))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "new-job")
     for folder in (done, other):
         before = files(folder)
@@ -876,19 +925,24 @@ def test_killed_run_resumes_to_the_same_weights(straight, tmp_path, sig):
     assert open(straight / "metrics.csv").read() == open(out / "metrics.csv").read()
 
 
+def signal_at_step(monkeypatch, k, sig):
+    """This process gets sig during step k (and no launcher's copy of it to wait for)."""
+    step, steps = lm.layermatch_step, []
+
+    def signalled(*args):
+        steps.append(1)
+        if len(steps) == k:
+            os.kill(os.getpid(), sig)
+        return step(*args)
+    monkeypatch.setattr(lm, "layermatch_step", signalled)
+    monkeypatch.setattr(lm, "ECHO_SECONDS", 0.0)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
 def test_slurms_early_signals_save_and_stop_as_sigterm_does(tmp_path, monkeypatch, capsys, sig):
     """What Slurm sends before a time limit or preemption where a job asks (--signal=USR1@120: Lightning listens for
     it; submitit for USR2), here to this process during step 5: the run saves step 5 and exits 128 + signal."""
-    step, steps = lm.layermatch_step, []
-
-    def signalled_at_step_5(*args):
-        steps.append(1)
-        if len(steps) == 5:
-            os.kill(os.getpid(), sig)
-        return step(*args)
-    monkeypatch.setattr(lm, "layermatch_step", signalled_at_step_5)
-    monkeypatch.setattr(lm, "ECHO_SECONDS", 0.0)  # no launcher's copy to wait for
+    signal_at_step(monkeypatch, 5, sig)
     with pytest.raises(SystemExit) as e:
         lm.main(list(map(str, (*TINY, "--steps", 40, "--eval-every", 20, "--out", tmp_path / "run"))))
     assert e.value.code == 128 + sig and weights(tmp_path / "run")["step"] == 5
@@ -935,7 +989,8 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path, monkeypatc
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "corrupt" in r.stderr
     assert ck.read_bytes() == before
-    monkeypatch.setenv("SLURM_JOB_ID", "5")  # a later start of the job that wrote it stops at the same error
+    monkeypatch.setenv("SLURM_JOB_ID", "5")  # the job that wrote it, requeued, stops at the same error
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     with pytest.raises(lm.UserError, match="corrupt"):
         lm.train(lm.Config(dataset="digits", labels=20, batch_size=8, uratio=2, steps=8, eval_every=2, out=str(out)))
     assert ck.read_bytes() == before
@@ -1043,11 +1098,6 @@ def test_existing_output_folder_and_resume_mismatch(tmp_path, monkeypatch):
     r = run_cli(*TINY, "--steps", 2, "--out", out, "--resume", "--seed", 3)
     assert r.returncode != 0 and "--seed 0, this command --seed 3" in r.stderr
     assert (out / "checkpoint.pt").read_bytes() == before
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "todo.txt").write_text("not a run")  # --resume starts only where there is no run yet
-    with pytest.raises(lm.UserError, match="there is no checkpoint.pt in .* it holds other files"):
-        lm.train(lm.Config(dataset="digits", labels=20, steps=2, out=str(tmp_path / "notes"), resume=True))
-    assert os.listdir(tmp_path / "notes") == ["todo.txt"]
 
 
 def test_bad_user_data_is_a_clear_error(tmp_path):
@@ -2537,7 +2587,7 @@ def fake_run(root, dataset, labels, algorithm, seed, median, best, **settings):
     cfg = lm.resolve(lm.Config(dataset=dataset, labels=labels, algorithm=algorithm, seed=seed, **settings), False)
     out = root / f"{dataset}@{labels}-{algorithm}-s{seed}{'-' + '-'.join(settings) if settings else ''}"
     out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | dict(job="5", requeue=0)))  # not settings
     if median is not None:
         (out / "summary.json").write_text(json.dumps(dict(test_acc_median_last20=median, test_acc_best=best)))
 
@@ -2562,11 +2612,13 @@ def test_results_table_from_fake_summaries(tmp_path, capsys):
     (tmp_path / "cifar10@40-fixmatch-s0" / "summary.json").write_text('{"test_acc_med')  # cut off mid-write
     with pytest.raises(SystemExit) as e:
         lm.main(["--table", str(tmp_path)])
-    assert "cifar10@40-fixmatch-s0/summary.json' is unreadable or corrupt (not a JSON object)" in str(e.value.code)
-    (tmp_path / "cifar10@40-fixmatch-s0" / "summary.json").write_text('["a list"]')  # not an object
-    with pytest.raises(SystemExit) as e:
-        lm.main(["--table", str(tmp_path)])
-    assert "cifar10@40-fixmatch-s0/summary.json' is unreadable or corrupt (not a JSON object)" in str(e.value.code)
+    corrupt = "cifar10@40-fixmatch-s0/{}' is unreadable or corrupt (not the JSON object a run writes)"
+    assert corrupt.format("summary.json") in str(e.value.code)
+    for name, text in (("summary.json", '["a list"]'), ("summary.json", '{"test_acc_best": 1}'), ("config.json", "{}")):
+        (tmp_path / "cifar10@40-fixmatch-s0" / name).write_text(text)  # not an object, or not one a run writes
+        with pytest.raises(SystemExit) as e:
+            lm.main(["--table", str(tmp_path)])
+        assert corrupt.format(name) in str(e.value.code) and "\n" not in str(e.value.code)
 
 
 def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
@@ -2748,6 +2800,17 @@ def test_a_finished_run_is_left_as_it_was(tmp_path, capsys):
     lm.main(list(map(str, args + ["--resume"])))
     summary = strict_json((out / "summary.json").read_text())
     assert summary["finished"] and summary["steps_per_second"] is None  # no step ran, so no speed (was NaN)
+    (out / "summary.json").write_text('{"finished": true, "steps": 4}')  # not what a run writes: one line
+    with pytest.raises(SystemExit, match="summary.json' is unreadable or corrupt"):
+        lm.main(list(map(str, args + ["--resume"])))
+
+
+def test_a_stop_signal_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
+    """Once the last step's checkpoint is on disk the run is complete: it writes its summary and returns, not
+    'interrupted' with a run that --table and run_cifar.sh would count as unfinished."""
+    signal_at_step(monkeypatch, 4, signal.SIGTERM)
+    summary = lm.train(lm.Config(**DIGITS, out=str(tmp_path / "run")))
+    assert summary["finished"] and json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 4
 
 
 def test_the_projection_comes_after_the_first_timed_steps(tmp_path, monkeypatch):
