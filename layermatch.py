@@ -156,7 +156,7 @@ class Interrupted(Exception):
 
     def __init__(self, signum, step, out):
         super().__init__(f"interrupted by {signal.Signals(signum).name}: checkpoint of step {step} saved in '{out}'; "
-                         "the same command with --resume continues it")
+                         "--resume continues it")
         self.signum = signum
 
 class Parser(argparse.ArgumentParser):
@@ -738,20 +738,20 @@ def cache_lock(path: str):
             fcntl = None  # no lock held
         yield fcntl is not None
 
-def read_json(path: str, needs: tuple | None = None) -> dict:
-    """The JSON object in path, {} if absent. needs (a run's files): a file that is not an object with those keys is
-    an error; without, it reads as {}."""
+def read_json(path: str, needs: dict | None = None) -> dict:
+    """The JSON object in path, {} if absent. needs (a run's files: {key: type}): a file that is not an object with
+    those keys and types is an error; without, it reads as {}."""
     try:
         with open(path) as fh:
-            value = json.load(fh)
+            obj = json.load(fh)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError):
-        value = None
-    if needs is not None and not (isinstance(value, dict) and set(needs) <= value.keys()):
+        obj = None
+    if needs is not None and not (isinstance(obj, dict) and all(isinstance(obj.get(k), t) for k, t in needs.items())):
         raise UserError(f"'{path}' is unreadable or corrupt (not the JSON object a run writes); it was left untouched: "
                         "move it away, or replace the run with --overwrite")
-    return value if isinstance(value, dict) else {}
+    return obj if isinstance(obj, dict) else {}
 
 def cache_meta(stem: str, nbytes: int) -> dict | None:
     """A complete cache's meta: stem.json (written last) read, stem.u8 of nbytes; None if not written yet or broken."""
@@ -1054,15 +1054,17 @@ def write_text(path, text, tmp=None):
     atomic_write(path, lambda fh: fh.write(text.encode()), tmp)
 
 def job_id() -> dict:
-    """This job as config.json records it: torchrun's run id (--rdzv-id; new per --standalone launch), else Slurm's
-    job id and requeue count (another launch in the allocation has the same: another job). None: no job known."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none": the static rendezvous without --rdzv-id
-    return dict(job=run, requeue=None) if run != "none" else \
-        dict(job=os.environ.get("SLURM_JOB_ID"), requeue=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+    """This job as config.json records it: torchrun's run id (--rdzv-id, new per --standalone launch; for "none", rank
+    0's agent, which its restarts share), else Slurm's job id and requeue count. None: no job known."""
+    run, requeue = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    run = f"agent {socket.gethostname()}:{os.getppid()}" if run == "none" else run  # the workers' parent process
+    return dict(job=run, requeue=None) if run else \
+        dict(job=os.environ.get("SLURM_JOB_ID"), requeue=int(requeue) if requeue.isdigit() else 0)
 
 RUN_FILES = ("checkpoint.pt", "metrics.csv", "summary.json")  # a run's results: only --overwrite removes them
 OWN = {"config.json", "tb", *(f"{name}.tmp" for name in ("config.json", *RUN_FILES))}  # a start's first files
-REPORTED = ("finished", "steps", "test_acc_median_last20", "test_acc_best", "test_acc_final")  # in every summary.json
+REPORTED = dict(finished=bool, steps=int, test_acc_median_last20=float, test_acc_best=float, test_acc_final=float)
+RUN_CONFIG = dict(dataset=str, labels=int, seed=int, algorithm=str, data_dir=str)  # what --table reads
 
 def prepare_out(cfg: Config):
     """The output folder: never silently reused or clobbered."""
@@ -1282,24 +1284,22 @@ def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
     ck.clear()
 
 def resume_point(cfg: Config) -> tuple:
-    """What this start does with --out, decided by rank 0: (the command as applied, checkpoint, finished run's
-    summary). It continues the run if asked (--resume) or if this job wrote it (a torchrun restart, a node that
+    """What this start does with --out, decided by rank 0: (--resume and --overwrite as applied, checkpoint, finished
+    run's summary). It continues the run if asked (--resume) or if this job wrote it (a torchrun restart, a node that
     joins, a Slurm requeue), deleting nothing; any other start is a first start, so a refusal stays a refusal."""
     file = lambda name: os.path.join(cfg.out, name)
-    if os.environ.get("TORCHELASTIC_RUN_ID") == "none" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
-        print("note: without --rdzv-id a torchrun restart is a first start: add --resume to continue", file=sys.stderr)
     now, mine = job_id(), read_json(file("config.json"))  # lenient: a file that is not this job's is not ours
     requeued = now["requeue"] is None or isinstance(mine.get("requeue"), int) and mine["requeue"] < now["requeue"]
     ours = now["job"] is not None and mine.get("job") == now["job"] and requeued  # requeued: Slurm's, since then
     if not (cfg.resume or ours):
-        return cfg, None, None
+        return {}, None, None
     found, done = os.path.exists(file("checkpoint.pt")), read_json(file("summary.json"), needs=REPORTED)
-    saved = read_json(file("config.json"), needs=())
+    saved = read_json(file("config.json"), needs={})
     if done.get("finished") and done.get("steps") == cfg.steps:  # a finished run is left as it is
         check_resumable(cfg, saved)  # the same experiment, or an error naming the difference
         print(f"'{cfg.out}' has finished its {cfg.steps} steps; nothing to do, no file changed", file=sys.stderr)
         report(done, cfg.out)
-        return cfg, None, done
+        return {}, None, done
     others = set(os.listdir(cfg.out) if os.path.isdir(cfg.out) else []) - OWN  # OWN: what a start writes first
     if not found and (others or os.path.exists(file("config.json")) and not set(IDENTITY) <= saved.keys()):
         raise UserError(f"there is no checkpoint.pt in '{cfg.out}' to continue, and it holds other files "
@@ -1309,7 +1309,7 @@ def resume_point(cfg: Config) -> tuple:
     if ours or not found:
         print(f"continuing job {saved['job']}'s run in '{cfg.out}' at step {ck['step'] if found else 0}" if ours else
               f"note: '{cfg.out}' holds no run yet: --resume starts it", file=sys.stderr)
-    return dataclasses.replace(cfg, resume=True, overwrite=False), ck, None
+    return dict(resume=True, overwrite=False), ck, None
 
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)]
 ECHO_SECONDS = 2.0  # a repeat this soon is another sender of the same stop: torchrun, Slurm, timeout, run_cifar.sh
@@ -1423,8 +1423,7 @@ class Progress(contextlib.AbstractContextManager):
         self.logged = sums
         return row
 
-    def evaluated(self, history: list, seconds: float):
-        """An evaluation and its checkpoint, which took seconds: not steady steps, so not on the clock."""
+    def evaluated(self, history: list, seconds: float):  # seconds: evaluating and saving, off the steady clock
         self.logged, self.busy = [0.0] * len(STATS), self.busy + seconds  # the sums restart at every evaluation
         last = history[-1]
         if self.tb:
@@ -1458,7 +1457,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
     SummaryWriter = tensorboard_writer() if cfg.tensorboard else None
     rank, world, device, gloo = setup_processes(cfg)
     cfg = dataclasses.replace(cfg, precision=cfg.precision or pick_precision(device))
-    cfg, ck, done = from_rank_zero(gloo, rank, lambda: resume_point(cfg))
+    changes, ck, done = from_rank_zero(gloo, rank, lambda: resume_point(cfg))
+    cfg = dataclasses.replace(cfg, **changes)  # each rank keeps its own paths (nodes may differ)
     if done:
         return done
     if rank == 0 and default_recipe and cfg.dataset == "folder":
@@ -1648,8 +1648,8 @@ def short_names(paths: set) -> dict:
 def results_table(root: str) -> str:
     """--table: per algorithm and settings that differ from the defaults (rows) and dataset@labels (columns), the
     median of the last 20 evaluations over seeds, from every summary.json below root; one seed's runs averaged."""
-    runs = [(folder, read_json(os.path.join(folder, "config.json"), needs=IDENTITY + ("data_dir",)),
-             read_json(os.path.join(folder, "summary.json"), needs=("test_acc_median_last20", "test_acc_best")))
+    runs = [(folder, read_json(os.path.join(folder, "config.json"), needs=RUN_CONFIG),
+             read_json(os.path.join(folder, "summary.json"), needs=REPORTED))
             for folder, _, files in sorted(os.walk(root)) if {"summary.json", "config.json"} <= set(files)]
     if not runs:
         raise UserError(f"no finished runs (summary.json with its config.json) below '{root}'")

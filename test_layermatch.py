@@ -818,6 +818,7 @@ def test_a_slurm_job_continues_its_run_only_when_requeued(tmp_path, monkeypatch,
     requeue raises SLURM_RESTART_COUNT. So a second launch applies its command, and a requeued one continues."""
     out, command = tmp_path / "run", (*TINY, "--steps", 4, "--eval-every", 2, "--out", tmp_path / "run")
     monkeypatch.setenv("SLURM_JOB_ID", "777")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "")  # not a count: none
     lm.main(list(map(str, (*command, "--stop-at", 2))))
     with pytest.raises(SystemExit, match="output folder .* exists"):
         lm.main(list(map(str, command)))
@@ -918,7 +919,7 @@ def test_killed_run_resumes_to_the_same_weights(straight, tmp_path, sig):
     assert 20 <= saved["step"] < 80
     if sig == signal.SIGTERM:
         assert err.endswith(f"layermatch.py: interrupted by SIGTERM: checkpoint of step {saved['step']} saved in "
-                            f"'{out}'; the same command with --resume continues it\n"), err
+                            f"'{out}'; --resume continues it\n"), err
     r = run_cli(*args, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert states_equal(straight / "checkpoint.pt", out / "checkpoint.pt")
@@ -1788,13 +1789,15 @@ lm.main(sys.argv[1:])
 
 
 def test_a_torchrun_restart_continues_the_run_exactly(ddp_run, tmp_path):
-    """torchrun --max-restarts 1; rank 1 SIGKILLed while rank 0 writes the checkpoint of the second evaluation. The
-    survivor stops in one line, the checkpoint is complete, the restarted group resumes it by itself and ends as the
-    uninterrupted run did: the same metrics.csv byte for byte and the same weights."""
+    """torchrun --max-restarts 1 on the static rendezvous without --rdzv-id (its run id is "none": rank 0's agent is
+    the job); rank 1 SIGKILLed while rank 0 writes the checkpoint of the second evaluation. The survivor stops in one
+    line, the checkpoint is complete, the restarted group resumes it by itself and ends as the uninterrupted run did:
+    the same metrics.csv byte for byte and the same weights."""
     script = tmp_path / "killed.py"
     script.write_text(KILLED_AT_THE_SECOND_CHECKPOINT.format(here=HERE, folder=str(tmp_path)))
     r = torchrun(*DDP_ARGS, "--overwrite", out=tmp_path / "run", script=script,
-                 launcher=("--standalone", "--max-restarts", 1, "--log-dir", tmp_path / "logs", "--redirects", 2))
+                 launcher=("--master-port", free_port(), "--max-restarts", 1, "--log-dir", tmp_path / "logs",
+                           "--redirects", 2))
     logs = lambda attempt, rank: open(glob.glob(str(tmp_path / "logs" / "*" / f"attempt_{attempt}" / str(rank) /
                                                     "stderr.log"))[0]).read()
     assert r.returncode == 0, r.stderr[-3000:] + logs(0, 0)[-2000:] + logs(1, 0)[-2000:]
@@ -1802,7 +1805,8 @@ def test_a_torchrun_restart_continues_the_run_exactly(ddp_run, tmp_path):
     assert "Traceback" not in survivor and re.search(
         r"\nlayermatch.py: error: lost contact with another process at step \d+ \(killed\?\); the last checkpoint in "
         r"'.*run' \(step 8\) is intact\n$", survivor), survivor[-2000:]
-    assert re.search(r"^continuing job .+'s run in '.*run' at step 8$", logs(1, 0), re.M)  # no --overwrite again
+    assert re.search(rf"^continuing job agent {re.escape(socket.gethostname())}:\d+'s run in '.*run' at step 8$",
+                     logs(1, 0), re.M)  # not --overwrite again
     assert (tmp_path / "run" / "metrics.csv").read_text() == (ddp_run / "ddp" / "metrics.csv").read_text()
     assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
 
@@ -2589,7 +2593,8 @@ def fake_run(root, dataset, labels, algorithm, seed, median, best, **settings):
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | dict(job="5", requeue=0)))  # not settings
     if median is not None:
-        (out / "summary.json").write_text(json.dumps(dict(test_acc_median_last20=median, test_acc_best=best)))
+        (out / "summary.json").write_text(json.dumps(dict(finished=True, steps=1, test_acc_median_last20=median,
+                                                          test_acc_best=best, test_acc_final=median)))
 
 
 def test_results_table_from_fake_summaries(tmp_path, capsys):
@@ -2614,7 +2619,9 @@ def test_results_table_from_fake_summaries(tmp_path, capsys):
         lm.main(["--table", str(tmp_path)])
     corrupt = "cifar10@40-fixmatch-s0/{}' is unreadable or corrupt (not the JSON object a run writes)"
     assert corrupt.format("summary.json") in str(e.value.code)
-    for name, text in (("summary.json", '["a list"]'), ("summary.json", '{"test_acc_best": 1}'), ("config.json", "{}")):
+    wrong_type = '{"dataset": "folder", "labels": 40, "seed": 0, "algorithm": "fixmatch", "data_dir": ["a"]}'
+    for name, text in (("summary.json", '["a list"]'), ("summary.json", '{"test_acc_best": 1}'), ("config.json", "{}"),
+                       ("config.json", wrong_type)):
         (tmp_path / "cifar10@40-fixmatch-s0" / name).write_text(text)  # not an object, or not one a run writes
         with pytest.raises(SystemExit) as e:
             lm.main(["--table", str(tmp_path)])
@@ -2800,9 +2807,10 @@ def test_a_finished_run_is_left_as_it_was(tmp_path, capsys):
     lm.main(list(map(str, args + ["--resume"])))
     summary = strict_json((out / "summary.json").read_text())
     assert summary["finished"] and summary["steps_per_second"] is None  # no step ran, so no speed (was NaN)
-    (out / "summary.json").write_text('{"finished": true, "steps": 4}')  # not what a run writes: one line
-    with pytest.raises(SystemExit, match="summary.json' is unreadable or corrupt"):
-        lm.main(list(map(str, args + ["--resume"])))
+    for text in ('{"finished": true, "steps": 4}', json.dumps(summary | dict(test_acc_best=None))):  # not a run's
+        (out / "summary.json").write_text(text)
+        with pytest.raises(SystemExit, match="summary.json' is unreadable or corrupt"):
+            lm.main(list(map(str, args + ["--resume"])))
 
 
 def test_a_stop_signal_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
