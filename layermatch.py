@@ -1290,7 +1290,7 @@ def resume_point(cfg: Config) -> tuple:
     file = lambda name: os.path.join(cfg.out, name)
     now, mine = job_id(), read_json(file("config.json"))  # lenient: a file that is not this job's is not ours
     requeued = now["requeue"] is None or isinstance(mine.get("requeue"), int) and mine["requeue"] < now["requeue"]
-    ours = now["job"] is not None and mine.get("job") == now["job"] and requeued  # requeued: Slurm's, since then
+    ours = now["job"] is not None and mine.get("job") == now["job"] and requeued  # Slurm: requeued since that start
     if not (cfg.resume or ours):
         return {}, None, None
     found, done = os.path.exists(file("checkpoint.pt")), read_json(file("summary.json"), needs=REPORTED)

@@ -861,7 +861,10 @@ def test_a_restart_after_an_early_death_applies_overwrite(tmp_path, monkeypatch,
     lm.train(lm.Config(**DIGITS, out=str(out), stop_at=2))
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "new-job")
     load = lm.load_data
-    monkeypatch.setattr(lm, "load_data", lambda cfg: (_ for _ in ()).throw(lm.UserError("out of memory")))
+
+    def out_of_memory(cfg):
+        raise lm.UserError("out of memory")
+    monkeypatch.setattr(lm, "load_data", out_of_memory)
     with pytest.raises(SystemExit, match="out of memory"):
         lm.main(list(map(str, (*TINY, "--steps", 4, "--eval-every", 2, "--lr", 0.05, "--out", out, "--overwrite"))))
     monkeypatch.setattr(lm, "load_data", load)
