@@ -1368,10 +1368,8 @@ LONG_RUN = 86400  # seconds: a run projected to take longer gets a note on how t
 PROJECT_AFTER = 3  # timed steps before that projection
 
 def projection_note(seconds: float, steps: int, device: torch.device) -> str:
-    ways = "fewer --steps, or --stop-at to split it into jobs"
-    if device.type == "cpu":
-        ways = "--dataset digits (the CPU demo), fewer --steps, --precision bf16 on CPUs with native bf16 " \
-               "(AVX512-BF16 or AMX), or a CUDA GPU"
+    ways = "--dataset digits (the CPU demo), fewer --steps, --precision bf16 on CPUs with native bf16 (AVX512-BF16 " \
+           "or AMX), or a CUDA GPU" if device.type == "cpu" else "fewer --steps, or --stop-at to split it into jobs"
     return f"note: at the speed of the first steps, this run's {steps} steps take about {seconds / 86400:.1f} days; " \
            f"for a shorter run: {ways}"
 
