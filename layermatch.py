@@ -1055,9 +1055,10 @@ def write_text(path, text, tmp=None):
 
 def job_id() -> dict:
     """This job as config.json records it: torchrun's run id (--rdzv-id, new per --standalone launch; for "none", rank
-    0's agent, which its restarts share), else Slurm's job id and requeue count. None: no job known."""
+    0's torchrun launch, which its restarts share), else Slurm's job id and requeue count. None: no job known."""
     run, requeue = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
-    run = f"agent {socket.gethostname()}:{os.getppid()}" if run == "none" else run  # the workers' parent process
+    launch = os.environ.get("TORCHELASTIC_ERROR_FILE", "").rsplit(os.sep, 3)[0] or os.getppid()  # <launch>/attempt_N/..
+    run = f"launch {socket.gethostname()}:{launch}" if run == "none" else run  # a log folder per torchrun launch
     return dict(job=run, requeue=None) if run else \
         dict(job=os.environ.get("SLURM_JOB_ID"), requeue=int(requeue) if requeue.isdigit() else 0)
 
@@ -1301,6 +1302,7 @@ def resume_point(cfg: Config) -> tuple:
         report(done, cfg.out)
         return {}, None, done
     others = set(os.listdir(cfg.out) if os.path.isdir(cfg.out) else []) - OWN  # OWN: what a start writes first
+    others = others & set(RUN_FILES) if ours else others  # this job's own folder keeps what its first start accepted
     if not found and (others or os.path.exists(file("config.json")) and not set(IDENTITY) <= saved.keys()):
         raise UserError(f"there is no checkpoint.pt in '{cfg.out}' to continue, and it holds other files "
                         f"({', '.join(sorted(others) or ['config.json'])}); nothing was changed: choose another --out")

@@ -831,6 +831,37 @@ def test_a_slurm_job_continues_its_run_only_when_requeued(tmp_path, monkeypatch,
     assert [h["step"] for h in weights(out)["history"]] == [2, 4] and json.load(open(out / "config.json"))["requeue"] == 1
 
 
+def test_the_static_rendezvous_job_is_its_launch_whatever_starts_the_workers(monkeypatch):
+    """torchrun's run id is "none" there: the job is rank 0's launch, named by its log folder, which every attempt
+    shares (a wrapper script between torchrun and python, a new process at each attempt, changes nothing)."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    jobs = []
+    for attempt, launch in ((0, "none_ab12"), (1, "none_ab12"), (0, "none_cd34")):
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", os.path.join("/tmp", "logs", launch, f"attempt_{attempt}", "0",
+                                                                   "error.json"))
+        jobs.append(lm.job_id()["job"])
+    host = socket.gethostname()
+    assert jobs == [f"launch {host}:{os.path.join('/tmp', 'logs', name)}" for name in ("none_ab12",) * 2 + ("none_cd34",)]
+
+
+def test_a_requeue_before_the_first_checkpoint_starts_again_beside_the_files_its_first_start_kept(tmp_path, monkeypatch,
+                                                                                                  capsys):
+    """A sweep's log.txt in the run folder, the job preempted before its first checkpoint: its requeue starts the run
+    from step 0 (the first start accepted the folder), and keeps the log."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.txt").write_text("the sweep's log\n")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    command = list(map(str, (*TINY, "--steps", 4, "--eval-every", 2, "--out", out, "--overwrite")))
+    lm.main(command + ["--stop-at", "2"])
+    for name in lm.RUN_FILES:
+        (out / name).unlink(missing_ok=True)  # as killed before its first checkpoint
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lm.main(command)
+    assert f"continuing job 77's run in '{out}' at step 0\n" in capsys.readouterr().err
+    assert json.load(open(out / "summary.json"))["finished"] and (out / "log.txt").read_text() == "the sweep's log\n"
+
+
 def test_a_refusal_is_never_a_deletion_at_any_attempt(tmp_path, monkeypatch):
     """Launched by mistake into a finished run whose checkpoint was deleted, or into another experiment's folder
     without a checkpoint: every attempt of the new job (torchrun restarts it, with the same id) is refused, and not
@@ -1808,8 +1839,8 @@ def test_a_torchrun_restart_continues_the_run_exactly(ddp_run, tmp_path):
     assert "Traceback" not in survivor and re.search(
         r"\nlayermatch.py: error: lost contact with another process at step \d+ \(killed\?\); the last checkpoint in "
         r"'.*run' \(step 8\) is intact\n$", survivor), survivor[-2000:]
-    assert re.search(rf"^continuing job agent {re.escape(socket.gethostname())}:\d+'s run in '.*run' at step 8$",
-                     logs(1, 0), re.M)  # not --overwrite again
+    launch = re.escape(f"launch {socket.gethostname()}:{tmp_path / 'logs'}{os.sep}none_")  # this launch's log folder
+    assert re.search(rf"^continuing job {launch}\w+'s run in '.*run' at step 8$", logs(1, 0), re.M)  # no --overwrite
     assert (tmp_path / "run" / "metrics.csv").read_text() == (ddp_run / "ddp" / "metrics.csv").read_text()
     assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "run" / "checkpoint.pt")
 
