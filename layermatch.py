@@ -754,14 +754,15 @@ def read_json(path: str, needs: dict | None = None) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 def cache_meta(stem: str, nbytes: int) -> dict | None:
-    """A complete cache's meta: stem.json (written last) read, stem.u8 of nbytes; None if not written yet or broken."""
+    """A complete cache's meta: stem.json (published last) read, stem.u8 of nbytes; None if not published yet."""
     meta, u8 = read_json(f"{stem}.json"), f"{stem}.u8"
     return meta if meta and os.path.exists(u8) and os.path.getsize(u8) == nbytes else None
 
 def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, n_stats: int, squash: bool,
                   only: list | None) -> tuple:
     """(images [N, 3, size, size] mapped from cache_dir, meta: grayscale?, mean and std of the first n_stats). Keyed by
-    names, sizes, mtimes; a cut-off file is redone. Where the lock works, one process of a node decodes, others wait."""
+    names, sizes, mtimes: a changed file is never read from an old cache. Where the lock works, one process of a node
+    decodes while the others wait."""
     listing = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
     key = hashlib.sha256(json.dumps([size, squash, n_stats, listing]).encode()).hexdigest()[:16]
     folder = hashlib.sha256("\n".join([root, *(only or [])]).encode()).hexdigest()[:8]  # and the class subset
@@ -776,18 +777,26 @@ def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, 
     except OSError as e:
         raise UserError(f"cannot write the image cache file '{e.filename or cache_dir}' ({e.strerror or e}); free "
                         "space there or pass --cache-dir DIR") from None
+    if meta is None:  # a published cache is never replaced, and this one was not written by this program
+        raise UserError(f"the image cache '{stem}.u8' or its .json is cut off or corrupt: delete both and run again")
     return torch.from_file(f"{stem}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
 
-def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict:
-    """Decode into a file of this process's own, flush, rename it to .u8, then write the .json that marks it complete:
-    any number of processes on any number of nodes may write a cache at once. First what it replaces goes: the caches
-    of older listings in its family (stem's folder, classes, part, size, pipeline), and, under the lock (no other
-    process of this host writes the family), what a killed process of this host left."""
+def publish(tmp: str, name: str):
+    """tmp's file as name, unless name exists (another writer's, of the same pixels). A hard link is atomic where rename
+    is (NFS too) but never replaces: runs on other nodes may map the published file (NFS drops a replaced file)."""
+    with contextlib.suppress(FileExistsError):
+        os.link(tmp, name)
+    os.remove(tmp)
+
+def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict | None:
+    """Decode into a file of this process's own, flush it, publish it as stem.u8, then its meta as stem.json, which
+    marks it complete: any number of processes on any number of nodes may write a cache at once, and the first to
+    publish each file wins. Caches of older listings are never deleted (a run elsewhere may map them): a note says what
+    they take. Under the lock (no other process of this host writes the family) a killed process's file goes."""
     host, start, nbytes = socket.gethostname(), time.time(), math.prod(shape)
     tmp, any_key = f"{stem}.{os.getpid()}-{threading.get_ident()}@{host}.tmp", glob.escape(stem[:-16]) + "[0-9a-f]" * 16
     try:
-        stale = [f for f in glob.glob(f"{any_key}.u8") + glob.glob(f"{any_key}.json") if not f.startswith(stem)]
-        for old in stale + (glob.glob(f"{any_key}.*@{glob.escape(host)}.tmp") if locked else []):
+        for old in glob.glob(f"{any_key}.*@{glob.escape(host)}.tmp") if locked else []:
             with contextlib.suppress(FileNotFoundError):  # another writer's cleaning
                 os.remove(old)
         decode_into(tmp, paths, shape[-1], squash)
@@ -795,18 +804,20 @@ def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict:
         gray = all(torch.equal(c[:, 0], c[:, 1]) and torch.equal(c[:, 0], c[:, 2]) for c in x.split(256))
         mean, std = channel_mean_std(x[:n_stats]) if n_stats else (torch.zeros(3), torch.zeros(3))
         del x  # unmapped: every byte is in the file
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())  # on the disk before any run maps it
+        publish(tmp, f"{stem}.u8")
         meta = dict(gray=gray, images=len(paths), size=shape[-1], mean=mean.tolist(), std=std.tolist())
-        if cache_meta(stem, nbytes) is None:  # else another writer finished first: its copy stays (readers map it)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, f"{stem}.u8")
-            write_text(f"{stem}.json", json.dumps(meta), tmp)
+        write_text(tmp, json.dumps(meta), tmp)
+        publish(tmp, f"{stem}.json")  # the same meta as any other writer's: the same pixels, exact statistics
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+    others = [os.path.getsize(f) for f in glob.glob(f"{any_key}.u8") if f != f"{stem}.u8"]  # other dates or files
     print(f"note: decoded {len(paths)} images in {time.time() - start:.1f} s into '{stem}.u8' ({nbytes / 1e9:.3g} GB); "
-          "later runs map it", file=sys.stderr)
-    return meta  # also another writer's: the same pixels give the same exact statistics
+          "later runs map it" + f"; {len(others)} other cache(s) of this folder ({sum(others) / 1e9:.3g} GB) stay "
+          "beside it: delete them when no run uses them" * bool(others), file=sys.stderr)
+    return cache_meta(stem, nbytes)
 
 def load_folder(root: str, size: int, cache_dir: str, only: list | None = None, squash: bool = False) -> dict:
     """ImageFolder layout: root/train/<class>/*, root/test/<class>/* (or val/, as ImageNet's), optional root/unlabeled/

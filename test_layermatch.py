@@ -1,5 +1,6 @@
 """Tests for layermatch.py: the method's math on toy tensors, augmentation, data, and short real runs.
 CPU only, no downloads: synthetic uint8 tensors and scikit-learn's bundled digits."""
+import collections
 import contextlib
 import copy
 import csv
@@ -2123,7 +2124,7 @@ def count_decodes(monkeypatch):
     return calls
 
 
-def test_the_cache_holds_what_pil_reads_and_only_the_first_run_decodes(tmp_path, monkeypatch):
+def test_the_cache_holds_what_pil_reads_and_only_the_first_run_decodes(tmp_path, monkeypatch, capsys):
     paths = photo_folder(tmp_path / "photos")
     before = sorted(os.listdir(tmp_path / "photos"))
     decodes, cache = count_decodes(monkeypatch), tmp_path / "cache" / "layermatch"
@@ -2140,17 +2141,24 @@ def test_the_cache_holds_what_pil_reads_and_only_the_first_run_decodes(tmp_path,
     assert all(torch.equal(again[k], d[k]) for k in ("train_x", "train_y", "test_x", "test_y"))
     assert sorted(os.listdir(tmp_path / "photos")) == before  # nothing is written into the data folder
     os.utime(paths[3], ns=(0, os.stat(paths[3]).st_mtime_ns + 10**9))  # a touched training image
+    capsys.readouterr()
     lm.load_folder(str(tmp_path / "photos"), 12, "")
-    assert len(decodes) == 20 and not os.path.exists(u8) and len(glob.glob(str(cache / "*.u8"))) == 2  # replaced
+    assert len(decodes) == 20 and os.path.exists(u8) and len(glob.glob(str(cache / "*.u8"))) == 3  # the old one stays
+    note = f"; 1 other cache(s) of this folder ({os.path.getsize(u8) / 1e9:.3g} GB) stay beside it: delete them when"
+    assert note in capsys.readouterr().err
     lm.load_folder(str(tmp_path / "photos"), 16, "")  # another size: its own caches beside the first
-    assert len(decodes) == 32 and len(glob.glob(str(cache / "*.u8"))) == 4
+    assert len(decodes) == 32 and len(glob.glob(str(cache / "*.u8"))) == 5
+    assert "other cache" not in capsys.readouterr().err
     (u8,) = glob.glob(str(cache / "*-train-16px-*.u8"))
-    os.truncate(u8, os.path.getsize(u8) - 1)  # cut off
+    os.truncate(u8, os.path.getsize(u8) - 1)  # cut off (not by this program: it publishes whole files)
+    with pytest.raises(lm.UserError, match=f"image cache '{re.escape(u8)}' or its .json is cut off or corrupt: delete"):
+        lm.load_folder(str(tmp_path / "photos"), 16, "")
+    os.remove(u8), os.remove(u8[:-3] + ".json")
     assert torch.equal(lm.load_folder(str(tmp_path / "photos"), 16, "")["train_x"][:1], pil_read(order[0], 16)[None])
-    assert len(decodes) == 40
+    assert len(decodes) == 48
     other = tmp_path / "elsewhere"
     custom = lm.load_folder(str(tmp_path / "photos"), 16, str(other))  # --cache-dir
-    assert len(decodes) == 52 and len(glob.glob(str(other / "*.u8"))) == 2
+    assert len(decodes) == 60 and len(glob.glob(str(other / "*.u8"))) == 2
     assert torch.equal(custom["test_x"], torch.stack([pil_read(p, 16) for p in order[8:]]))
 
 
@@ -2243,19 +2251,48 @@ def test_two_runs_started_together_on_a_fresh_cache_decode_the_folder_once(tmp_p
     assert all(json.load(open(tmp_path / f"s{seed}" / "summary.json"))["finished"] for seed in (0, 1))
 
 
-def test_caches_of_other_pipelines_and_class_subsets_of_one_folder_live_side_by_side(tmp_path, monkeypatch):
-    """Plain and squashed (ImageNet-100 as TorchSSL) caches of one folder and size, and a class subset's, never remove
-    each other's files: alternating them decodes nothing more."""
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0)], ids=["plain first", "squashed first"])
+def test_caches_of_other_pipelines_and_class_subsets_of_one_folder_live_side_by_side(tmp_path, monkeypatch, capsys,
+                                                                                       order):
+    """Plain and squashed (ImageNet-100 as TorchSSL) caches of one folder and size, and a class subset's, in either
+    order: none counts or removes another's files, a killed write's among them (names differ by '-squashed-' only)."""
     root = str(image_folder(tmp_path / "pets"))
     decodes, cache = count_decodes(monkeypatch), tmp_path / "cache" / "layermatch"
-    ways = [dict(), dict(squash=True), dict(only=["cat", "eel"])]
-    first = [lm.load_folder(root, 8, "", **way) for way in ways]  # test caches at 8 px: plain, squashed, 2 classes
-    assert len(decodes) == 29 + 29 + 21 and len(glob.glob(str(cache / "*-test-8px-*.u8"))) == 3
+    ways, tests, made = [[dict(), dict(squash=True), dict(only=["cat", "eel"])][i] for i in order], [], []
+    for way in ways:  # test caches at 8 px: plain, squashed, 2 classes
+        before = set(glob.glob(str(cache / "*-test-8px-*.u8")))
+        tests.append(lm.load_folder(root, 8, "", **way)["test_x"])
+        made += set(glob.glob(str(cache / "*-test-8px-*.u8"))) - before
+    assert len(decodes) == 29 + 29 + 21 and len(made) == 3 and "other cache" not in capsys.readouterr().err
     files = sorted(os.listdir(cache))
     again = [lm.load_folder(root, 8, "", **way) for way in ways]
     assert len(decodes) == 29 + 29 + 21 and sorted(os.listdir(cache)) == files  # mapped, none deleted
-    assert all(torch.equal(a["test_x"], b["test_x"]) for a, b in zip(first, again))
-    assert again[2]["classes"] == ["cat", "eel"] and again[2]["test_x"].shape[0] == 4
+    assert all(torch.equal(d["test_x"], t) for d, t in zip(again, tests))
+    assert [len(d["classes"]) for d in again] == [[3, 3, 2][i] for i in order]
+    killed = [shutil.copy(u8, f"{u8[:-3]}.1-1@{socket.gethostname()}.tmp") for u8 in made]
+    os.utime(os.path.join(root, "test", "cat", "0.png"), ns=(0, 10**9))  # every test cache is built again
+    for i, way in enumerate(ways):
+        lm.load_folder(root, 8, "", **way)  # under its family's lock: its own killed write goes, the others' stay
+        assert sorted(glob.glob(str(cache / "*.tmp"))) == sorted(killed[i + 1:])
+        assert "; 1 other cache(s) of this folder" in capsys.readouterr().err  # its own older one, not its twin
+    assert all(os.path.exists(u8) for u8 in made)
+
+
+def test_a_node_with_its_own_copy_of_the_folder_deletes_no_cache(tmp_path, monkeypatch, capsys):
+    """Nodes that copy the data to their local disks (cp -r: new dates) and share the cache folder (a network home)
+    build a cache each: a start as another host, on other dates, deletes none of the first one's files."""
+    paths = photo_folder(tmp_path / "photos")
+    first = lm.load_folder(str(tmp_path / "photos"), 12, "")
+    cache = tmp_path / "cache" / "layermatch"
+    before = {f: (cache / f).read_bytes() for f in os.listdir(cache)}
+    for p in paths:
+        os.utime(p, ns=(0, os.stat(p).st_mtime_ns + 10**9))
+    monkeypatch.setattr(lm.socket, "gethostname", lambda: "another-node")
+    capsys.readouterr()
+    other = lm.load_folder(str(tmp_path / "photos"), 12, "")
+    assert {f: (cache / f).read_bytes() for f in before} == before and len(glob.glob(str(cache / "*.u8"))) == 4
+    assert capsys.readouterr().err.count("; 1 other cache(s) of this folder") == 2  # train and test
+    assert all(torch.equal(first[k], other[k]) for k in ("train_x", "test_x"))
 
 
 def no_lock_but_both_write_at_once(monkeypatch, locked, hosts):
@@ -2270,8 +2307,19 @@ def no_lock_but_both_write_at_once(monkeypatch, locked, hosts):
 
 @pytest.mark.parametrize("locked,hosts", [(False, False), (True, True)], ids=["no lock", "a lock per node"])
 def test_two_writers_at_once_without_a_lock_both_leave_a_right_cache(tmp_path, monkeypatch, locked, hosts):
+    """Both decide to write before either publishes; node1 publishes after node0 has published its cache, which runs
+    (on other nodes: NFS) may map by then: node0's files stay in place (the same inodes)."""
     paths = photo_folder(tmp_path / "photos")
     no_lock_but_both_write_at_once(monkeypatch, locked, hosts)
+    first, published, publish = {}, collections.defaultdict(threading.Event), lm.publish
+    def in_turn(tmp, name):
+        node, stem = threading.current_thread().name, os.path.splitext(name)[0]
+        assert node == "node0" or published[stem].wait(timeout=120)
+        publish(tmp, name)
+        first.setdefault(name, os.stat(name).st_ino)
+        if node == "node0" and name.endswith(".json"):  # that cache is complete
+            published[stem].set()
+    monkeypatch.setattr(lm, "publish", in_turn)
     loads, errors = {}, []
     def load(name):
         try:
@@ -2289,6 +2337,7 @@ def test_two_writers_at_once_without_a_lock_both_leave_a_right_cache(tmp_path, m
         assert [m.tolist() for m in d["mean_std"]] == [t.tolist() for t in lm.channel_mean_std(right[:8])]
     cache = tmp_path / "cache" / "layermatch"  # and no temporary file (nor lock: cache_lock was replaced)
     assert sorted(os.path.splitext(f)[1] for f in os.listdir(cache)) == [".json", ".json", ".u8", ".u8"]
+    assert {name: os.stat(name).st_ino for name in first} == first and len(first) == 4
 
 
 @pytest.mark.parametrize("error", [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP])
