@@ -12,7 +12,9 @@
 # JOBS=N runs N at a time: each on its own GPU (shared in turn when there are fewer than N), the CPU cores split
 # between them (OMP_NUM_THREADS), each one's output in its run folder's log.txt. Ctrl-C stops them all, each
 # saving its checkpoint. Rerun it after an interruption: finished runs (summary.json) are skipped, interrupted
-# ones (checkpoint.pt) resumed, the rest started. At the end it prints the results table of everything under runs/.
+# ones (checkpoint.pt) resumed, the rest started. A run that fails (a crash, the out-of-memory killer) does not stop
+# the others; two sweeps over one grid at once share it out. At the end it prints the results table of everything
+# under runs/, then what did not finish (exit 2).
 # Expected accuracy: the FixMatch paper (Sohn et al. 2020, Table 2, FixMatch-RA) reports test error
 # 13.81 / 5.07 / 4.26 % on CIFAR-10 with 40 / 250 / 4000 labels and 48.85 / 28.29 / 22.60 % on CIFAR-100
 # with 400 / 2500 / 10000 labels; LayerMatch (arXiv 2406.14207) reports gains over FixMatch (see its
@@ -28,8 +30,9 @@ jobs=${JOBS:-1} extra=("$@")
 # Every entry is checked before any run starts, against layermatch.py's own tables.
 probe=$(python -c 'import os, torch, layermatch as m
 print(torch.cuda.device_count(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-print(*m.DATASET_DEFAULTS); print(*m.ALGORITHM_DEFAULTS)')
-{ read -r gpus cores; read -r datasets; read -r known; } <<< "$probe"
+print(*m.DATASET_DEFAULTS); print(*m.ALGORITHM_DEFAULTS); print(*m.DOWNLOAD_HINTS)
+print(*m.Config.__dataclass_fields__["augment"].metadata["choices"])')
+{ read -r gpus cores; read -r datasets; read -r known; read -r downloads; read -r augments; } <<< "$probe"
 error() { echo "run_cifar.sh: error: $*" >&2; exit 2; }
 [[ $jobs =~ ^[1-9][0-9]*$ ]] || error "JOBS must be a positive integer (got '$jobs')"
 for seed in "${seeds[@]}"; do [[ $seed =~ ^[0-9]+$ ]] || error "SEEDS entry '$seed' is not a seed (0, 1, ...)"; done
@@ -41,10 +44,40 @@ for run in "${runs[@]}"; do
   [[ " $datasets " == *" ${BASH_REMATCH[1]} "* ]] ||
     error "unknown dataset '${BASH_REMATCH[1]}' in RUNS entry '$run' (choose from $datasets)"
 done
-todo=()  # "dataset@labels algorithm seed out"
+augment=${AUGMENT:-}
+[[ -z $augment || " $augments " == *" $augment "* ]] || error "unknown AUGMENT '$augment' (choose from $augments)"
+todo=() fetch=()  # "dataset@labels algorithm seed out", each once; datasets to download for a run not finished
 for seed in "${seeds[@]}"; do for algorithm in "${algorithms[@]}"; do for run in "${runs[@]}"; do
-  todo+=("$run $algorithm $seed runs/$run-$algorithm${AUGMENT:+-$AUGMENT}-s$seed")
+  out=runs/$run-$algorithm${augment:+-$augment}-s$seed dataset=${run%@*}
+  [[ " ${todo[*]-} " == *" $out "* ]] && continue  # named twice in the grid: trained once
+  todo+=("$run $algorithm $seed $out")
+  [[ -f $out/summary.json || " $downloads " != *" $dataset "* || " ${fetch[*]-} " == *" $dataset "* ]] ||
+    fetch+=("$dataset")
 done; done; done
+
+# Downloads come first, one at a time: runs started together would each download into the same --data-dir.
+for dataset in ${fetch[@]+"${fetch[@]}"}; do
+  python -c 'import sys, layermatch as m
+try:
+    m.load_data(m.parse_args(sys.argv[1:]))
+except m.UserError as e:
+    sys.exit(f"run_cifar.sh: error: {e}")' --dataset "$dataset" ${extra[@]+"${extra[@]}"} || exit 2
+done
+
+# A run is claimed by its folder's sweep.lock, held by the run's process until it ends (the system releases it if the
+# process dies): a second sweep over the same grid skips it (exit 75). The lock is held before the start is decided:
+# --resume where a checkpoint is, else --overwrite, never over a run another sweep has trained meanwhile.
+claim='import fcntl, os, sys
+out, cmd = sys.argv[1], sys.argv[2:]
+lock = open(os.path.join(out, "sweep.lock"), "a")
+try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    sys.exit(75)
+except OSError:
+    pass  # a filesystem without locks (NFS without its lock service): sweeps over one grid must not run at once
+os.set_inheritable(lock.fileno(), True)
+os.execvp(cmd[0], cmd + ["--resume" if os.path.exists(os.path.join(out, "checkpoint.pt")) else "--overwrite"])'
 
 # With JOBS > 1, slot i trains on GPU i (in turn when there are fewer) with its share of the cores.
 devices=()
@@ -53,17 +86,17 @@ if (( jobs > 1 && gpus > 0 )); then
   else for ((i = 0; i < gpus; i++)); do devices+=("$i"); done; fi
 fi
 
-train() {  # train RUN ALGORITHM SEED OUT SLOT: skip, resume or start one run; > 128: it was interrupted
-  local run=$1 algorithm=$2 seed=$3 out=$4 slot=$5 status=0
+train() {  # train RUN ALGORITHM SEED OUT SLOT: skip, resume or start one run
+  local run=$1 algorithm=$2 seed=$3 out=$4 slot=$5 status=0 what=started
   if [[ -f $out/summary.json ]]; then
     echo "finished, skipped: $out"
     return
   fi
   mkdir -p "$out"
-  local start=(--overwrite) what=started          # no checkpoint: nothing to keep (at most a config.json)
-  [[ -f $out/checkpoint.pt ]] && start=(--resume) what=resumed
-  local cmd=(python layermatch.py --dataset "${run%@*}" --labels "${run#*@}" --algorithm "$algorithm" --seed "$seed"
-             ${AUGMENT:+--augment "$AUGMENT"} --out "$out" "${start[@]}" ${extra[@]+"${extra[@]}"})
+  [[ -f $out/checkpoint.pt ]] && what=resumed
+  local cmd=(python -c "$claim" "$out" python layermatch.py --dataset "${run%@*}" --labels "${run#*@}"
+             --algorithm "$algorithm" --seed "$seed" ${augment:+--augment "$augment"} --out "$out"
+             ${extra[@]+"${extra[@]}"})
   # in the background and waited for, so that the worker's TERM reaches it at once
   if (( jobs == 1 )); then
     echo "$what: $out"
@@ -74,16 +107,18 @@ train() {  # train RUN ALGORITHM SEED OUT SLOT: skip, resume or start one run; >
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / jobs > 1 ? cores / jobs : 1 ))} "${cmd[@]}" >> "$out/log.txt" 2>&1 &
   fi
   wait $! || status=$?
-  if (( status == 0 )); then echo "finished: $out"
-  elif (( status > 128 )); then echo "interrupted: $out"; return $status
-  else echo "failed (exit $status): $out"; fi      # and the sweep goes on
+  case $status in
+    0) echo "finished: $out" ;;
+    75) echo "skipped, another sweep trains it: $out" ;;
+    *) echo "failed (exit $status): $out" ;;  # a crash, the OOM killer (137), a signal not sent to the sweep: go on
+  esac
 }
 
 # Ctrl-C: every run gets one TERM, saves its checkpoint and stops (a second Ctrl-C kills at once: layermatch.py's rule).
 worker() {  # slot $1: every run, in order, that no other slot has claimed (mkdir is atomic); stops when interrupted
   trap 'trap "" INT TERM; kill -TERM $(jobs -p) 2> /dev/null || true; wait; exit 143' INT TERM
   for i in "${!todo[@]}"; do
-    if mkdir "$claims/$i" 2> /dev/null; then train ${todo[$i]} "$1" || exit; fi  # (the entry split into 4 words)
+    if mkdir "$claims/$i" 2> /dev/null; then train ${todo[$i]} "$1"; fi  # (the entry split into 4 words)
   done
 }
 claims=$(mktemp -d)
@@ -96,7 +131,9 @@ for ((slot = 0; slot < jobs; slot++)); do
   workers+=($!)
 done
 wait
-python layermatch.py --table runs
+table=0
+python layermatch.py --table runs || table=2  # (its one line when no run has finished: the count below still comes)
 unfinished=()
 for entry in "${todo[@]}"; do [[ -f ${entry##* }/summary.json ]] || unfinished+=("${entry##* }"); done
 (( ${#unfinished[@]} == 0 )) || error "${#unfinished[@]} of ${#todo[@]} runs did not finish: ${unfinished[*]}"
+exit $table

@@ -2728,23 +2728,32 @@ def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
                                                    "layermatch digits@20 seed 0: 2 runs (c/digits@20-layermatch-s0")
 
 
-FAKE_PYTHON = """#!/bin/sh
-if [ "$1" = -c ]; then printf '{probe}\\n'; exit; fi
-echo "$@" >> "$(dirname "$0")/calls.log"
+STAND_IN = """#!/bin/sh
+case "$1 $2" in  # run_cifar.sh's python -c: its question, a download (logged), a run's claim (this interpreter)
+  "-c import os, torch"*) printf '{probe}\\n'; exit;;
+  "-c import sys, layermatch"*) shift 2; echo "download $*" >> "$(dirname "$0")/calls.log"; exit;;
+  "-c import fcntl"*) [ -z "$MEANWHILE" ] || echo > "$3/checkpoint.pt"; exec {python} "$@";;  # (as if another
+esac                                                                 # sweep's run had saved one after the check)
+"""
+FAKE_PYTHON = """echo "$@" >> "$(dirname "$0")/calls.log"
 """
 
 
 def sweep(tmp_path, python=FAKE_PYTHON, gpus=0, cores=2):
-    """A copy of run_cifar.sh whose `python` is this interpreter (python=None) or a stand-in (a template) that answers
-    the script's question with gpus, cores and layermatch.py's choices. Returns run(*args, timeout, popen, **env)."""
+    """A copy of run_cifar.sh whose `python` is this interpreter (python=None) or a stand-in (a template, given
+    {python}) that answers the script's question with gpus, cores and layermatch.py's choices, logs downloads and
+    claims runs for real. Returns run(*args, timeout, popen, **env)."""
     shutil.copy(os.path.join(HERE, "run_cifar.sh"), tmp_path)
+    shutil.copy(os.path.join(HERE, "layermatch.py"), tmp_path)
     (tmp_path / "bin").mkdir()
+    real = shlex.quote(sys.executable)
     if python is None:  # (a script, not a link: a link outside a virtualenv's bin/ would leave the virtualenv)
-        shutil.copy(os.path.join(HERE, "layermatch.py"), tmp_path)
-        (tmp_path / "bin" / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        (tmp_path / "bin" / "python").write_text(f'#!/bin/sh\nexec {real} "$@"\n')
     else:
-        choices = f"{' '.join(lm.DATASET_DEFAULTS)}\\n{' '.join(lm.ALGORITHM_DEFAULTS)}"
-        (tmp_path / "bin" / "python").write_text(python.format(probe=f"{gpus} {cores}\\n{choices}"))
+        names = (lm.DATASET_DEFAULTS, lm.ALGORITHM_DEFAULTS, lm.DOWNLOAD_HINTS,
+                 lm.Config.__dataclass_fields__["augment"].metadata["choices"])
+        probe = f"{gpus} {cores}\\n" + "\\n".join(" ".join(choices) for choices in names)
+        (tmp_path / "bin" / "python").write_text(STAND_IN.format(probe=probe, python=real) + python.format(python=real))
     (tmp_path / "bin" / "python").chmod(0o755)
 
     def run(*args, timeout=120, popen=None, **env):
@@ -2768,14 +2777,16 @@ def test_run_cifar_skips_finished_resumes_interrupted_and_starts_the_rest(tmp_pa
     r = run("--device", "cpu", SEEDS="0", ALGORITHMS="layermatch fixmatch")
     assert "finished, skipped: runs/cifar10@40-layermatch-s0" in r.stdout
     calls = (tmp_path / "bin" / "calls.log").read_text().splitlines()
+    assert calls[:2] == ["download --dataset cifar10 --device cpu", "download --dataset cifar100 --device cpu"]
+    calls = calls[2:]  # each dataset downloaded once, before any run
     assert len(calls) == 11 + 1 and calls[-1] == "layermatch.py --table runs"
     assert not any("--out runs/cifar10@40-layermatch-s0 " in c for c in calls)
     by_out = {c.split("--out ")[1].split()[0]: c for c in calls[:-1]}
-    assert by_out["runs/cifar10@250-layermatch-s0"].endswith("--resume --device cpu")
-    assert by_out["runs/cifar10@4000-layermatch-s0"].endswith("--overwrite --device cpu")
+    assert by_out["runs/cifar10@250-layermatch-s0"].endswith("--device cpu --resume")
+    assert by_out["runs/cifar10@4000-layermatch-s0"].endswith("--device cpu --overwrite")
     assert by_out["runs/cifar100@400-fixmatch-s0"] == (  # a folder of its own first (no checkpoint: --overwrite)
         "layermatch.py --dataset cifar100 --labels 400 --algorithm fixmatch --seed 0 --out runs/cifar100@400-fixmatch-s0 "
-        "--overwrite --device cpu")
+        "--device cpu --overwrite")
     # the stand-in writes no summary.json, so every run it "trained" is reported unfinished after the table
     assert r.returncode == 2 and r.stderr.strip() == "run_cifar.sh: error: 11 of 12 runs did not finish: " + " ".join(
         f"runs/{d}@{n}-{a}-s0" for a in ("layermatch", "fixmatch") for d, n in
@@ -2806,9 +2817,7 @@ def test_run_cifar_sweeps_the_ablations_on_digits_two_at_a_time(tmp_path):
     assert all(f"finished, skipped: {out}" in again.stdout for out in outs)
 
 
-PARALLEL_PYTHON = """#!/bin/sh
-if [ "$1" = -c ]; then printf '{probe}\\n'; exit; fi
-log="$(dirname "$0")/calls.log"
+PARALLEL_PYTHON = """log="$(dirname "$0")/calls.log"
 out=$(echo "$@" | sed 's/.*--out \\([^ ]*\\).*/\\1/')
 case "$*" in *--table*) exit;; esac
 trap 'kill $!; sleep 0.5; echo "stopped $out" >> "$log"; exit 143' TERM  # a checkpoint takes a while
@@ -2851,7 +2860,7 @@ def test_run_cifar_interrupted_stops_every_job_after_it_saved(tmp_path, whom):
     assert p.returncode == 130 and stderr.strip().endswith("interrupted: each run stopped at a checkpoint; the same "
                                                            "command continues them"), stdout + stderr
     calls = log.read_text().splitlines()
-    assert sorted(c.split()[0] for c in calls) == ["start", "start", "stopped", "stopped"]  # saved; no third run
+    assert sorted(c.split()[0] for c in calls) == ["download", "start", "start", "stopped", "stopped"]  # no third run
 
 
 @pytest.mark.parametrize("env, message", [
@@ -2860,12 +2869,75 @@ def test_run_cifar_interrupted_stops_every_job_after_it_saved(tmp_path, whom):
     (dict(RUNS="digits@0"), "RUNS entry 'digits@0' is not dataset@labels"),
     (dict(ALGORITHMS="fixmatch meanteacher"), "unknown algorithm 'meanteacher' in ALGORITHMS (choose from layermatch "),
     (dict(JOBS="0"), "JOBS must be a positive integer (got '0')"), (dict(JOBS="two"), "JOBS must be a positive "),
-    (dict(SEEDS="0 one"), "SEEDS entry 'one' is not a seed")])
+    (dict(SEEDS="0 one"), "SEEDS entry 'one' is not a seed"),
+    (dict(AUGMENT="bogus"), "unknown AUGMENT 'bogus' (choose from fixmatch usb)"),
+    (dict(AUGMENT="usb *"), "unknown AUGMENT 'usb *' (choose from fixmatch usb)")])
 def test_run_cifar_refuses_a_bad_grid_before_any_run(tmp_path, env, message):
     r = sweep(tmp_path)("--device", "cpu", **env)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("run_cifar.sh: error: " +
                                                                                          message), r.stderr
     assert not (tmp_path / "bin" / "calls.log").exists() and not (tmp_path / "runs").exists()
+
+
+def test_run_cifar_trains_a_run_named_twice_once_and_downloads_what_is_not_finished_first(tmp_path):
+    run, log = sweep(tmp_path), tmp_path / "bin" / "calls.log"
+    grid = dict(RUNS="digits@10 cifar10@40 digits@10 cifar100@400 cifar10@40", SEEDS="0 0", JOBS="2")
+    r = run("--data-dir", "/data", **grid)
+    calls, outs = log.read_text().splitlines(), ["runs/digits@10-layermatch-s0", "runs/cifar10@40-layermatch-s0",
+                                                 "runs/cifar100@400-layermatch-s0"]
+    assert calls[:2] == ["download --dataset cifar10 --data-dir /data", "download --dataset cifar100 --data-dir /data"]
+    assert sorted(c.split("--out ")[1].split()[0] for c in calls[2:-1]) == sorted(outs)  # each once, after both
+    assert r.returncode == 2 and r.stderr.endswith(f"3 of 3 runs did not finish: {' '.join(outs)}\n"), r.stderr
+    for out in outs[1:]:
+        (tmp_path / out / "summary.json").write_text("{}")
+    log.unlink()
+    r = run("--data-dir", "/data", **grid)  # digits downloads nothing, and the others are finished
+    assert log.read_text().splitlines()[0].startswith("layermatch.py --dataset digits ")
+    assert r.returncode == 2 and r.stderr.endswith(f"1 of 3 runs did not finish: {outs[0]}\n"), r.stderr
+
+
+def test_run_cifar_skips_a_run_that_another_sweep_trains(tmp_path):
+    """Two sweeps over one grid: a run whose sweep.lock another sweep's run holds is skipped, then trained."""
+    import fcntl
+    run, log = sweep(tmp_path), tmp_path / "bin" / "calls.log"
+    busy = tmp_path / "runs" / "digits@10-layermatch-s0"
+    busy.mkdir(parents=True)
+    with open(busy / "sweep.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run(RUNS="digits@10 digits@20", SEEDS="0")
+    assert "skipped, another sweep trains it: runs/digits@10-layermatch-s0" in r.stdout, r.stdout
+    assert [c.split("--out ")[1].split()[0] for c in log.read_text().splitlines()[:-1]] == ["runs/digits@20-layermatch-s0"]
+    assert r.returncode == 2 and "2 of 2 runs did not finish" in r.stderr  # (the stand-in writes no summary)
+    log.unlink()
+    r = run(RUNS="digits@10", SEEDS="0", MEANWHILE="1")  # the other sweep stopped, leaving a checkpoint
+    assert r.stdout.splitlines()[:2] == ["started: runs/digits@10-layermatch-s0", "finished: runs/digits@10-layermatch-s0"]
+    assert log.read_text().splitlines()[0].endswith("--out runs/digits@10-layermatch-s0 --resume")  # decided under the lock
+
+
+KILLED_SEED_0 = """case "$*" in *layermatch.py*"--seed 0 "*)  # killed (as by the out-of-memory killer) once it has metrics
+  out=$(echo "$*" | sed 's/.*--out \\([^ ]*\\).*/\\1/')
+  (while [ ! -f "$out/metrics.csv" ]; do sleep 0.05; done; kill -KILL $$) &
+  exec {python} "$@" --steps 100000;;
+esac
+exec {python} "$@"
+"""
+
+
+def test_run_cifar_goes_on_after_a_run_that_was_killed(tmp_path):
+    """Only a signal to the sweep stops it: a run killed by the system (137) failed, and the next one runs."""
+    run = sweep(tmp_path, KILLED_SEED_0)
+    r = run("--steps", "4", "--eval-every", "2", "--device", "cpu", RUNS="digits@10", SEEDS="0 1", ALGORITHMS="supervised",
+            timeout=300)
+    assert "failed (exit 137): runs/digits@10-supervised-s0" in r.stdout, r.stdout + r.stderr
+    assert "finished: runs/digits@10-supervised-s1" in r.stdout and "interrupted" not in r.stdout + r.stderr
+    assert r.returncode == 2 and r.stderr.endswith("1 of 2 runs did not finish: runs/digits@10-supervised-s0\n")
+    assert json.load(open(tmp_path / "runs" / "digits@10-supervised-s1" / "summary.json"))["finished"]
+
+
+def test_run_cifar_says_what_did_not_finish_when_nothing_did(tmp_path):
+    r = sweep(tmp_path, python=None)("--lr", "-1", RUNS="digits@10", SEEDS="0", ALGORITHMS="supervised")
+    assert "failed (exit 1): runs/digits@10-supervised-s0" in r.stdout and "--lr must be positive" in r.stderr
+    assert r.returncode == 2 and r.stderr.endswith("1 of 1 runs did not finish: runs/digits@10-supervised-s0\n")
 
 
 def strict_json(text):
