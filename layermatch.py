@@ -729,8 +729,7 @@ def cache_lock(path: str):
             import fcntl
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"note: waiting for another process that is decoding into the image cache ('{path}')",
-                  file=sys.stderr)
+            print(f"note: waiting for another process decoding into the image cache ('{path}')", file=sys.stderr)
             fcntl.flock(fh, fcntl.LOCK_EX)
         except (ImportError, OSError) as e:  # Windows; ENOLCK: NFS without its lock service; ENOSYS: Lustre, no flock
             print(f"note: no lock on '{path}' ({e}): processes that start together may each decode the images",
@@ -761,8 +760,7 @@ def cache_meta(stem: str, nbytes: int) -> dict | None:
 def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, n_stats: int, squash: bool,
                   only: list | None) -> tuple:
     """(images [N, 3, size, size] mapped from cache_dir, meta: grayscale?, mean and std of the first n_stats). Keyed by
-    names, sizes, mtimes: a changed file is never read from an old cache. Where the lock works, one process of a node
-    decodes while the others wait."""
+    names, sizes, mtimes: a changed file is never read from an old cache. Where the lock works, a node decodes once."""
     listing = [(os.path.relpath(p, root), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
     key = hashlib.sha256(json.dumps([size, squash, n_stats, listing]).encode()).hexdigest()[:16]
     folder = hashlib.sha256("\n".join([root, *(only or [])]).encode()).hexdigest()[:8]  # and the class subset
@@ -781,18 +779,10 @@ def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, 
         raise UserError(f"the image cache '{stem}.u8' or its .json is cut off or corrupt: delete both and run again")
     return torch.from_file(f"{stem}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
 
-def publish(tmp: str, name: str):
-    """tmp's file as name, unless name exists (another writer's, of the same pixels). A hard link is atomic where rename
-    is (NFS too) but never replaces: runs on other nodes may map the published file (NFS drops a replaced file)."""
-    with contextlib.suppress(FileExistsError):
-        os.link(tmp, name)
-    os.remove(tmp)
-
 def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict | None:
-    """Decode into a file of this process's own, flush it, publish it as stem.u8, then its meta as stem.json, which
-    marks it complete: any number of processes on any number of nodes may write a cache at once, and the first to
-    publish each file wins. Caches of older listings are never deleted (a run elsewhere may map them): a note says what
-    they take. Under the lock (no other process of this host writes the family) a killed process's file goes."""
+    """Decode into a file of this process's own, publish it as stem.u8, then its meta as stem.json (it marks the cache
+    complete): any number of processes on any number of nodes may write one at once, the first to publish a file wins.
+    No cache is replaced or deleted (runs elsewhere may map it); under the lock, this host's killed writes go."""
     host, start, nbytes = socket.gethostname(), time.time(), math.prod(shape)
     tmp, any_key = f"{stem}.{os.getpid()}-{threading.get_ident()}@{host}.tmp", glob.escape(stem[:-16]) + "[0-9a-f]" * 16
     try:
@@ -806,10 +796,13 @@ def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict | None:
         del x  # unmapped: every byte is in the file
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())  # on the disk before any run maps it
-        publish(tmp, f"{stem}.u8")
         meta = dict(gray=gray, images=len(paths), size=shape[-1], mean=mean.tolist(), std=std.tolist())
-        write_text(tmp, json.dumps(meta), tmp)
-        publish(tmp, f"{stem}.json")  # the same meta as any other writer's: the same pixels, exact statistics
+        for name, text in ((f"{stem}.u8", None), (f"{stem}.json", json.dumps(meta))):  # the .json last
+            if text:
+                write_text(tmp, text, tmp)  # (a new file: the .u8's name is gone)
+            with contextlib.suppress(FileExistsError):  # another writer's, of the same pixels, stays: runs may map it
+                os.link(tmp, name)  # atomic where rename is (NFS too), and never replaces: NFS drops a replaced file
+            os.remove(tmp)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -1121,9 +1114,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 def pick_precision(device: torch.device) -> str:
     """bf16 on GPUs of compute capability >= 8.0; fp16 (GradScaler) on older ones, which emulate bf16; else fp32."""
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return "fp32" if device.type != "cuda" else "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
 
 def setup_processes(cfg: Config):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process. Also a gloo group for host work."""
@@ -1203,8 +1194,7 @@ def all_reduce(*tensors):
 
 def rank_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of t over all processes (t itself in a single process)."""
-    t = t.clone()
-    all_reduce(t)
+    all_reduce(t := t.clone())
     return t / (dist.get_world_size() if dist.is_initialized() else 1)
 
 def rank_spread(tensors) -> float:
@@ -1372,8 +1362,7 @@ def accumulate(stats: torch.Tensor, loss, terms):
 
 def stats_row(sums: list, cfg: Config, step: int) -> dict:
     """Averages of the STATS sums (read from the device: one host sync) over the steps they cover."""
-    s = dict(zip(STATS, sums))
-    n = max(s["steps"], 1)
+    s, n = dict(zip(STATS, sums)), max(sums[STATS.index("steps")], 1)
     return dict(step=step, lr=learning_rate(cfg, step - 1), **{k: s[k] / n for k in STATS[:4]},
                 mask_rate=s["mask"] / n, pl_acc=s["pl_correct"] / max(s["pl_known"], 1))
 

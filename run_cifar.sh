@@ -56,26 +56,30 @@ for seed in "${seeds[@]}"; do for algorithm in "${algorithms[@]}"; do for run in
 done; done; done
 
 # Downloads come first, one at a time: runs started together would each download into the same --data-dir.
-for dataset in ${fetch[@]+"${fetch[@]}"}; do
-  python -c 'import sys, layermatch as m
+download='import sys, layermatch as m
 try:
     m.load_data(m.parse_args(sys.argv[1:]))
 except m.UserError as e:
-    sys.exit(f"run_cifar.sh: error: {e}")' --dataset "$dataset" ${extra[@]+"${extra[@]}"} || exit 2
+    sys.exit(f"run_cifar.sh: error: {e}")
+except KeyboardInterrupt:
+    sys.exit("run_cifar.sh: interrupted while downloading; the same command starts again")'
+for dataset in ${fetch[@]+"${fetch[@]}"}; do
+  python -c "$download" --dataset "$dataset" ${extra[@]+"${extra[@]}"} || exit 2
 done
 
 # A run is claimed by its folder's sweep.lock, held by the run's process until it ends (the system releases it if the
 # process dies): a second sweep over the same grid skips it (exit 75). The lock is held before the start is decided:
 # --resume where a checkpoint is, else --overwrite, never over a run another sweep has trained meanwhile.
-claim='import fcntl, os, sys
+claim='import os, sys
 out, cmd = sys.argv[1], sys.argv[2:]
 lock = open(os.path.join(out, "sweep.lock"), "a")
 try:
+    import fcntl
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 except BlockingIOError:
     sys.exit(75)
-except OSError:
-    pass  # a filesystem without locks (NFS without its lock service): sweeps over one grid must not run at once
+except (ImportError, OSError):
+    pass  # Windows, a filesystem without locks (NFS without its lock service): run one sweep of a grid at a time
 os.set_inheritable(lock.fileno(), True)
 os.execvp(cmd[0], cmd + ["--resume" if os.path.exists(os.path.join(out, "checkpoint.pt")) else "--overwrite"])'
 
