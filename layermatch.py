@@ -12,7 +12,6 @@ us; section "Our reading of the method" in README.md says exactly what we implem
     python layermatch.py --dataset cifar10 --labels 40 --resume         # continue an interrupted run
     python layermatch.py --dataset folder --data-dir PATH --labels 40 --image-size 96 --arch resnet18  # your photos
     python layermatch.py --dataset imagenet100 --data-dir ROOT --labels 1300   # ResNet-50, 224 px, 13 per class
-    python layermatch.py --evaluate --out runs/cifar10@40-layermatch-s0 # test accuracy of a saved run
     python layermatch.py --table runs                                   # mean ± std over seeds of finished runs
     torchrun --nproc_per_node=4 layermatch.py --dataset cifar100 --labels 400   # batch = global batch
 
@@ -126,14 +125,12 @@ class Config:
     compile: bool = arg(False, "torch.compile the model")
     # instead of training
     evaluate: bool = arg(False, "report the test accuracy of the run in --out (EMA and live model), then exit")
-    table: str = arg("", "print the results table of the finished runs (summary.json) below DIR, then exit",
-                     metavar="DIR")
+    table: str = arg("", "print the results table of finished runs (summary.json) below DIR, then exit", metavar="DIR")
 
 DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
     "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False),
     "stl10": dict(stages=4),  # WRN-37-2 in USB's layout (wrn_var_37_2; README: Network)
-    "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False),
-    "folder": dict(),
+    "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False), "folder": dict(),
     "imagenet100": dict(arch="resnet50", image_size=224, batch_size=32, weight_decay=3e-4, augment="usb"),  # TorchSSL
 }
 BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, stages=3, weight_decay=5e-4, ema=0.999,
@@ -228,9 +225,8 @@ def check_data(data: dict):
         raise UserError(f"image tensors must be uint8 of the train images' shape [N, {', '.join(map(str, shape))}] "
                         "(test images may be smaller: training then takes random crops of their size)")
     if shape[0] not in (1, 3) or min(test.shape[2:]) < MIN_SIDE:
-        raise UserError(f"images must have 1 (grayscale) or 3 (RGB) channels, as RandAugment's colour ops need, and "
-                        f"at least {MIN_SIDE}x{MIN_SIDE} pixels, as its Sharpness filter "
-                        f"(got [N, {', '.join(map(str, shape))}])")
+        raise UserError(f"images must have 1 (grayscale) or 3 (RGB) channels (RandAugment's colour ops) and at least "
+                        f"{MIN_SIDE}x{MIN_SIDE} pixels (its Sharpness filter); got [N, {', '.join(map(str, shape))}]")
     num_classes = int(data["train_y"].max()) + 1
     if min(data["train_y"].min(), data["test_y"].min()) < 0 or num_classes < 2:
         raise UserError("labels must be 0..num_classes-1, with at least 2 classes")
@@ -699,6 +695,12 @@ def usable_cpus() -> int:
 
 CHUNK = 32  # images per task of a decoding process, at most
 
+def die_with_parent():
+    """A decoding process ends with its run (Linux): killed (out of memory), the run would leave it waiting forever."""
+    if sys.platform == "linux":
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
 def decode_into(file: str, paths: list, size: int, squash: bool = False):
     """Decode into file, made uint8 [N, 3, size, size], by one process per CPU this process may use (threads: the GIL).
     A bad image cancels the tasks not yet started."""
@@ -708,7 +710,8 @@ def decode_into(file: str, paths: list, size: int, squash: bool = False):
     chunk = max(1, min(CHUNK, len(paths) // (4 * cores)))  # a few tasks per process at least, to balance the load
     starts, work = range(0, len(paths), chunk), functools.partial(write_images, file, size=size, squash=squash)
     workers = min(cores, -(-len(paths) // CHUNK))  # a small folder is decoded here, without starting processes
-    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool, \
+    pool = ProcessPoolExecutor(workers, initializer=die_with_parent) if workers > 1 else None
+    with pool or contextlib.nullcontext(), \
             tqdm(total=len(paths), desc="decoding", unit="img", disable=len(paths) < 1000, leave=False) as bar:
         for n in (pool.map if pool else map)(work, starts, [paths[i:i + chunk] for i in starts]):
             bar.update(n)
@@ -722,18 +725,17 @@ def read_images(paths: list, size: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def cache_lock(path: str):
-    """Yields whether it holds an exclusive lock on the file path while the block runs (the system releases it if the
-    process dies): the processes of one node then decode once. The cache is right without it (see write_cache)."""
+    """Yields whether it holds an exclusive lock on the file path while the block runs, so one node decodes once: a
+    POSIX lock, released when this process dies, not held by the processes it forks. The cache is right without it."""
     with open(path, "a") as fh:
         try:
             import fcntl
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
             print(f"note: waiting for another process decoding into the image cache ('{path}')", file=sys.stderr)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except (ImportError, OSError) as e:  # Windows; ENOLCK: NFS without its lock service; ENOSYS: Lustre, no flock
-            print(f"note: no lock on '{path}' ({e}): processes that start together may each decode the images",
-                  file=sys.stderr)
+            fcntl.lockf(fh, fcntl.LOCK_EX)
+        except (ImportError, OSError) as e:  # Windows; ENOLCK: NFS without its lock service; ENOSYS: Lustre, no locks
+            print(f"note: no lock on '{path}' ({e}): processes that start together may each decode", file=sys.stderr)
             fcntl = None  # no lock held
         yield fcntl is not None
 
@@ -774,20 +776,19 @@ def cached_images(part: str, paths: list, root: str, size: int, cache_dir: str, 
                 meta = cache_meta(stem, math.prod(shape)) or write_cache(paths, shape, stem, n_stats, squash, locked)
     except OSError as e:
         raise UserError(f"cannot write the image cache file '{e.filename or cache_dir}' ({e.strerror or e}); free "
-                        "space there or pass --cache-dir DIR") from None
+                        "space there or pass --cache-dir DIR on a disk with hard links") from None
     if meta is None:  # a published cache is never replaced, and this one was not written by this program
         raise UserError(f"the image cache '{stem}.u8' or its .json is cut off or corrupt: delete both and run again")
     return torch.from_file(f"{stem}.u8", size=math.prod(shape), dtype=torch.uint8).view(shape), meta
 
 def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict | None:
-    """Decode into a file of this process's own, publish it as stem.u8, then its meta as stem.json (it marks the cache
-    complete): any number of processes on any number of nodes may write one at once, the first to publish a file wins.
-    No cache is replaced or deleted (runs elsewhere may map it); under the lock, this host's killed writes go."""
+    """Decode into a file of this process's own, publish it as stem.u8, then its meta as stem.json (the mark of a whole
+    cache): any processes on any nodes may write one at once; the first to publish a file wins, none is replaced."""
     host, start, nbytes = socket.gethostname(), time.time(), math.prod(shape)
     tmp, any_key = f"{stem}.{os.getpid()}-{threading.get_ident()}@{host}.tmp", glob.escape(stem[:-16]) + "[0-9a-f]" * 16
     try:
         for old in glob.glob(f"{any_key}.*@{glob.escape(host)}.tmp") if locked else []:
-            with contextlib.suppress(FileNotFoundError):  # another writer's cleaning
+            with contextlib.suppress(FileNotFoundError):  # this host's killed writes (another writer may clean too)
                 os.remove(old)
         decode_into(tmp, paths, shape[-1], squash)
         x = torch.from_file(tmp, size=nbytes, dtype=torch.uint8).view(shape)
@@ -806,7 +807,9 @@ def write_cache(paths, shape, stem, n_stats, squash, locked) -> dict | None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-    others = [os.path.getsize(f) for f in glob.glob(f"{any_key}.u8") if f != f"{stem}.u8"]  # other dates or files
+    others = []
+    with contextlib.suppress(OSError):  # (one deleted meanwhile: no count)
+        others = [os.path.getsize(f) for f in glob.glob(f"{any_key}.u8") if f != f"{stem}.u8"]  # other dates or files
     print(f"note: decoded {len(paths)} images in {time.time() - start:.1f} s into '{stem}.u8' ({nbytes / 1e9:.3g} GB); "
           "later runs map it" + f"; {len(others)} other cache(s) of this folder ({sum(others) / 1e9:.3g} GB) stay "
           "beside it: delete them when no run uses them" * bool(others), file=sys.stderr)
@@ -817,7 +820,6 @@ def load_folder(root: str, size: int, cache_dir: str, only: list | None = None, 
     (any depth); 1 channel if every image has R = G = B. only: those classes (ImageNet-100). Train and unlabeled share
     one cache, so the pool is a view. squash (TorchSSL): train images int(size / 0.875) squared, test size squared."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
-
     root = os.path.realpath(root)  # any spelling of a folder finds its cache
 
     def labeled(split, class_to_idx=None):  # (class names, [(path, label)]); test takes train's labels
@@ -1067,7 +1069,7 @@ def job_id() -> dict:
         dict(job=os.environ.get("SLURM_JOB_ID"), requeue=int(requeue) if requeue.isdigit() else 0)
 
 RUN_FILES = ("checkpoint.pt", "metrics.csv", "summary.json")  # a run's results: only --overwrite removes them
-OWN = {"config.json", "tb", *(f"{name}.tmp" for name in ("config.json", *RUN_FILES))}  # a start's first files
+OWN = {"config.json", "tb", "log.txt", "sweep.lock", *(f"{n}.tmp" for n in ("config.json", *RUN_FILES))}  # (sweeps)
 REPORTED = dict(finished=bool, steps=int, test_acc_median_last20=float, test_acc_best=float, test_acc_final=float)
 RUN_CONFIG = dict(dataset=str, labels=int, seed=int, algorithm=str, data_dir=str)  # what --table reads
 
@@ -1200,10 +1202,9 @@ def rank_mean(t: torch.Tensor) -> torch.Tensor:
 def rank_spread(tensors) -> float:
     """Largest difference of these tensors between processes (0.0 means all ranks agree)."""
     flat = torch.cat([t.detach().float().flatten() for t in tensors])
-    hi, lo = flat.clone(), flat.clone()
-    dist.all_reduce(hi, dist.ReduceOp.MAX)
-    dist.all_reduce(lo, dist.ReduceOp.MIN)
-    return (hi - lo).max().item()
+    both = torch.cat([flat, -flat])  # the largest value and, negated, the smallest: one all-reduce
+    dist.all_reduce(both, dist.ReduceOp.MAX)
+    return (both[:len(flat)] + both[len(flat):]).max().item()
 
 # ---------------------------------------------------------------------------------------------
 # Training
@@ -1608,9 +1609,8 @@ def load(out: str, which: str = "ema", device: str = "cpu") -> Classifier:
 def predict(model: Classifier, images: torch.Tensor, batch: int = 1024):
     """(classes [N], probabilities [N, K]) for uint8 images of model.shape; files: read_images(paths, size)."""
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == model.shape):
-        raise UserError(f"predict needs uint8 images [N, {', '.join(map(str, model.shape))}], as the model was "
-                        f"trained on (got {getattr(images, 'dtype', type(images).__name__)} "
-                        f"{list(getattr(images, 'shape', []))})")
+        raise UserError(f"predict needs uint8 images [N, {', '.join(map(str, model.shape))}] as in training (got "
+                        f"{getattr(images, 'dtype', type(images).__name__)} {list(getattr(images, 'shape', []))})")
     device = model.mean.device
     probs = torch.cat([model(images[i:i + batch].to(device)).float().softmax(1) for i in range(0, len(images), batch)])
     return probs.argmax(1), probs

@@ -35,7 +35,10 @@ print(*m.Config.__dataclass_fields__["augment"].metadata["choices"])')
 { read -r gpus cores; read -r datasets; read -r known; read -r downloads; read -r augments; } <<< "$probe"
 error() { echo "run_cifar.sh: error: $*" >&2; exit 2; }
 [[ $jobs =~ ^[1-9][0-9]*$ ]] || error "JOBS must be a positive integer (got '$jobs')"
-for seed in "${seeds[@]}"; do [[ $seed =~ ^[0-9]+$ ]] || error "SEEDS entry '$seed' is not a seed (0, 1, ...)"; done
+for i in "${!seeds[@]}"; do
+  [[ ${seeds[i]} =~ ^[0-9]+$ ]] || error "SEEDS entry '${seeds[i]}' is not a seed (0, 1, ...)"
+  seeds[i]=$((10#${seeds[i]}))  # 00 is 0
+done
 for algorithm in "${algorithms[@]}"; do
   [[ " $known " == *" $algorithm "* ]] || error "unknown algorithm '$algorithm' in ALGORITHMS (choose from $known)"
 done
@@ -45,7 +48,8 @@ for run in "${runs[@]}"; do
     error "unknown dataset '${BASH_REMATCH[1]}' in RUNS entry '$run' (choose from $datasets)"
 done
 augment=${AUGMENT:-}
-[[ -z $augment || " $augments " == *" $augment "* ]] || error "unknown AUGMENT '$augment' (choose from $augments)"
+[[ -z $augment || " $augments " == *" $augment "* && $augment != *[[:space:]]* ]] ||
+  error "unknown AUGMENT '$augment' (choose from $augments)"
 todo=() fetch=()  # "dataset@labels algorithm seed out", each once; datasets to download for a run not finished
 for seed in "${seeds[@]}"; do for algorithm in "${algorithms[@]}"; do for run in "${runs[@]}"; do
   out=runs/$run-$algorithm${augment:+-$augment}-s$seed dataset=${run%@*}
@@ -56,15 +60,22 @@ for seed in "${seeds[@]}"; do for algorithm in "${algorithms[@]}"; do for run in
 done; done; done
 
 # Downloads come first, one at a time: runs started together would each download into the same --data-dir.
-download='import sys, layermatch as m
+download='import os, sys, layermatch as m
 try:
-    m.load_data(m.parse_args(sys.argv[1:]))
+    cfg = m.parse_args(sys.argv[1:])
+    try:  # a lock in --data-dir: another sweep that downloads the same files waits for this one
+        import fcntl
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        fcntl.lockf(lock := open(os.path.join(cfg.data_dir, f".{cfg.dataset}.download-lock"), "a"), fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        pass  # Windows, a read-only --data-dir (its files must be there), NFS without its lock service
+    m.load_data(cfg)
 except m.UserError as e:
-    sys.exit(f"run_cifar.sh: error: {e}")
-except KeyboardInterrupt:
-    sys.exit("run_cifar.sh: interrupted while downloading; the same command starts again")'
+    sys.exit(f"run_cifar.sh: error: {e}")'
+trap 'kill -TERM ${!-} 2> /dev/null; wait; echo "run_cifar.sh: interrupted while downloading" >&2; exit 130' INT TERM
 for dataset in ${fetch[@]+"${fetch[@]}"}; do
-  python -c "$download" --dataset "$dataset" ${extra[@]+"${extra[@]}"} || exit 2
+  python -c "$download" --dataset "$dataset" ${extra[@]+"${extra[@]}"} &  # (waited for: the trap reaches it)
+  wait $! || exit 2
 done
 
 # A run is claimed by its folder's sweep.lock, held by the run's process until it ends (the system releases it if the
@@ -75,11 +86,12 @@ out, cmd = sys.argv[1], sys.argv[2:]
 lock = open(os.path.join(out, "sweep.lock"), "a")
 try:
     import fcntl
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-except BlockingIOError:
+    fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: kept across exec, not passed to forked processes
+except (BlockingIOError, PermissionError):
     sys.exit(75)
-except (ImportError, OSError):
-    pass  # Windows, a filesystem without locks (NFS without its lock service): run one sweep of a grid at a time
+except (ImportError, OSError) as e:  # Windows, NFS without its lock service
+    print(f"run_cifar.sh: note: no lock on {lock.name} ({e}): a second sweep over this grid would train it too",
+          file=sys.stderr)
 os.set_inheritable(lock.fileno(), True)
 os.execvp(cmd[0], cmd + ["--resume" if os.path.exists(os.path.join(out, "checkpoint.pt")) else "--overwrite"])'
 
@@ -96,7 +108,10 @@ train() {  # train RUN ALGORITHM SEED OUT SLOT: skip, resume or start one run
     echo "finished, skipped: $out"
     return
   fi
-  mkdir -p "$out"
+  if ! mkdir -p "$out"; then
+    echo "failed (no folder): $out"
+    return
+  fi
   [[ -f $out/checkpoint.pt ]] && what=resumed
   local cmd=(python -c "$claim" "$out" python layermatch.py --dataset "${run%@*}" --labels "${run#*@}"
              --algorithm "$algorithm" --seed "$seed" ${augment:+--augment "$augment"} --out "$out"

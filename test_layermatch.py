@@ -766,6 +766,12 @@ def test_a_start_before_the_first_checkpoint_and_resume_where_there_is_no_run_ye
     assert lm.train(lm.Config(**DIGITS, out=str(out), resume=True))["finished"]
     for name in lm.RUN_FILES:
         os.remove(out / name)
+    (out / "log.txt").write_text("the sweep's log\n")  # run_cifar.sh's files (JOBS > 1), the run killed before a save
+    (out / "sweep.lock").touch()
+    assert lm.train(lm.Config(**DIGITS, out=str(out), resume=True))["finished"]
+    assert (out / "log.txt").read_text() == "the sweep's log\n"
+    for name in lm.RUN_FILES:
+        os.remove(out / name)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
     (out / "config.json").write_text(run_config("job-1", out=str(out)))
     assert lm.train(lm.Config(**DIGITS, out=str(out)))["finished"]
@@ -2223,6 +2229,36 @@ def test_a_cache_killed_while_being_written_is_never_read(tmp_path, monkeypatch)
     assert glob.glob(str(cache / "*.tmp")) == [elsewhere]  # this host's is gone (locks: the files without a suffix)
 
 
+KILLED_BY_ITS_DECODER = """
+import os, signal, sys
+import layermatch as lm
+run, real = os.getpid(), lm.read_image
+def read_then_kill_the_run(*a):
+    if os.getpid() != run:  # a decoding process: the run dies under it (as by the out-of-memory killer)
+        os.kill(run, signal.SIGKILL)
+    return real(*a)
+lm.read_image = read_then_kill_the_run
+lm.load_folder(sys.argv[1], 8, "")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or lm.usable_cpus() < 2, reason="Linux, and decoding processes")
+def test_a_run_killed_while_decoding_leaves_no_process_holding_its_locks(tmp_path):
+    """The decoding processes hold the run's lock files (the cache's, run_cifar.sh's claim): they end with the run, so
+    the next run neither waits for them forever nor counts the run as another sweep's."""
+    import fcntl
+    root = image_folder(tmp_path / "pets", per_class=12, unlabeled=0)  # 36 images: two decoding processes
+    try:  # the output's end: when every process that holds the pipes has ended
+        r = subprocess.run([sys.executable, "-c", KILLED_BY_ITS_DECODER, str(root)], cwd=HERE, capture_output=True,
+                           text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a decoding process outlived the run")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    (lock,) = glob.glob(str(tmp_path / "cache" / "layermatch" / "*-train-8px-lock"))
+    with open(lock, "a") as fh:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free
+
+
 SLOW_DECODE = """
 import sys, time
 sys.path.insert(0, {here!r})
@@ -2347,7 +2383,7 @@ def test_a_filesystem_without_locks_is_a_note_and_the_cache_is_built(tmp_path, m
     import fcntl
     def no_locks(fh, how):
         raise OSError(error, os.strerror(error))
-    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
     d = lm.load_folder(str(image_folder(tmp_path / "pets")), 8, "")
     assert d["test_x"][:, 0, 0, 0].tolist() == [42, 43, 122, 123, 202, 203]
     notes = capsys.readouterr().err.splitlines()
@@ -2733,8 +2769,9 @@ def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
 STAND_IN = """#!/bin/sh
 case "$1 $2" in  # run_cifar.sh's python -c: its question, a download (logged), a run's claim (this interpreter)
   "-c import os, torch"*) printf '{probe}\\n'; exit;;
-  "-c import sys, layermatch"*) shift 2; echo "download $*" >> "$(dirname "$0")/calls.log"; exit;;
-  "-c import os, sys"*) [ -z "$MEANWHILE" ] || echo > "$3/checkpoint.pt"; exec {python} "$@";;  # (as if another
+  "-c import os, sys, layermatch"*) shift 2; echo "download $*" >> "$(dirname "$0")/calls.log"
+    [ -z "$SLOW_DOWNLOAD" ] || {{ echo $$ > "$SLOW_DOWNLOAD"; exec sleep 60; }}; exit;;
+  "-c import os, sys"?out*) [ -z "$MEANWHILE" ] || echo > "$3/checkpoint.pt"; exec {python} "$@";;  # (as if another
 esac                                                                 # sweep's run had saved one after the check)
 """
 FAKE_PYTHON = """echo "$@" >> "$(dirname "$0")/calls.log"
@@ -2873,7 +2910,8 @@ def test_run_cifar_interrupted_stops_every_job_after_it_saved(tmp_path, whom):
     (dict(JOBS="0"), "JOBS must be a positive integer (got '0')"), (dict(JOBS="two"), "JOBS must be a positive "),
     (dict(SEEDS="0 one"), "SEEDS entry 'one' is not a seed"),
     (dict(AUGMENT="bogus"), "unknown AUGMENT 'bogus' (choose from fixmatch usb)"),
-    (dict(AUGMENT="usb *"), "unknown AUGMENT 'usb *' (choose from fixmatch usb)")])
+    (dict(AUGMENT="usb *"), "unknown AUGMENT 'usb *' (choose from fixmatch usb)"),
+    (dict(AUGMENT="fixmatch usb"), "unknown AUGMENT 'fixmatch usb' (choose from fixmatch usb)")])
 def test_run_cifar_refuses_a_bad_grid_before_any_run(tmp_path, env, message):
     r = sweep(tmp_path)("--device", "cpu", **env)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("run_cifar.sh: error: " +
@@ -2883,7 +2921,7 @@ def test_run_cifar_refuses_a_bad_grid_before_any_run(tmp_path, env, message):
 
 def test_run_cifar_trains_a_run_named_twice_once_and_downloads_what_is_not_finished_first(tmp_path):
     run, log = sweep(tmp_path), tmp_path / "bin" / "calls.log"
-    grid = dict(RUNS="digits@10 cifar10@40 digits@10 cifar100@400 cifar10@40", SEEDS="0 0", JOBS="2")
+    grid = dict(RUNS="digits@10 cifar10@40 digits@10 cifar100@400 cifar10@40", SEEDS="0 00", JOBS="2")
     r = run("--data-dir", "/data", **grid)
     calls, outs = log.read_text().splitlines(), ["runs/digits@10-layermatch-s0", "runs/cifar10@40-layermatch-s0",
                                                  "runs/cifar100@400-layermatch-s0"]
@@ -2898,6 +2936,22 @@ def test_run_cifar_trains_a_run_named_twice_once_and_downloads_what_is_not_finis
     assert r.returncode == 2 and r.stderr.endswith(f"1 of 3 runs did not finish: {outs[0]}\n"), r.stderr
 
 
+def test_run_cifar_interrupted_while_downloading_stops_the_download(tmp_path):
+    run, pid = sweep(tmp_path), tmp_path / "download.pid"
+    p = run(popen=dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), RUNS="cifar10@40", SEEDS="0",
+            SLOW_DOWNLOAD=str(pid))
+    deadline = time.monotonic() + 60
+    while not (pid.exists() and pid.read_text().strip()):  # (the stand-in writes its pid, then waits)
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)  # as scancel, or a job's time limit
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "run_cifar.sh: interrupted while downloading", err
+    with pytest.raises(ProcessLookupError):  # no download is left running
+        os.kill(int(pid.read_text()), 0)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_run_cifar_skips_a_run_that_another_sweep_trains(tmp_path):
     """Two sweeps over one grid: a run whose sweep.lock another sweep's run holds is skipped, then trained."""
     import fcntl
@@ -2905,7 +2959,7 @@ def test_run_cifar_skips_a_run_that_another_sweep_trains(tmp_path):
     busy = tmp_path / "runs" / "digits@10-layermatch-s0"
     busy.mkdir(parents=True)
     with open(busy / "sweep.lock", "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         r = run(RUNS="digits@10 digits@20", SEEDS="0")
     assert "skipped, another sweep trains it: runs/digits@10-layermatch-s0" in r.stdout, r.stdout
     assert [c.split("--out ")[1].split()[0] for c in log.read_text().splitlines()[:-1]] == ["runs/digits@20-layermatch-s0"]
@@ -2914,6 +2968,32 @@ def test_run_cifar_skips_a_run_that_another_sweep_trains(tmp_path):
     r = run(RUNS="digits@10", SEEDS="0", MEANWHILE="1")  # the other sweep stopped, leaving a checkpoint
     assert r.stdout.splitlines()[:2] == ["started: runs/digits@10-layermatch-s0", "finished: runs/digits@10-layermatch-s0"]
     assert log.read_text().splitlines()[0].endswith("--out runs/digits@10-layermatch-s0 --resume")  # decided under the lock
+
+
+HOLDING_PYTHON = """echo "$@" >> "$(dirname "$0")/calls.log"
+case "$*" in *--table*) exit;; esac
+while [ ! -f "$(dirname "$0")/release" ]; do sleep 0.05; done  # training
+"""
+
+
+def test_run_cifar_a_run_stays_claimed_while_it_trains(tmp_path):
+    """The run's own process holds the claim (sweep.lock, kept across the launcher's exec): a second sweep over the
+    grid skips the run while it trains."""
+    run, log = sweep(tmp_path, HOLDING_PYTHON), tmp_path / "bin" / "calls.log"
+    with open(tmp_path / "first.out", "w") as out:
+        first = run(popen=dict(stdout=out, stderr=subprocess.STDOUT), RUNS="digits@10", SEEDS="0")
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "--out runs/digits@10-layermatch-s0" in log.read_text()):
+            assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "first.out").read_text()
+            time.sleep(0.05)
+        second = run(RUNS="digits@10", SEEDS="0", timeout=60)
+        assert "skipped, another sweep trains it: runs/digits@10-layermatch-s0" in second.stdout, second.stdout
+    finally:
+        (tmp_path / "bin" / "release").touch()  # (also when it failed: no sweep is left waiting)
+    assert first.wait(timeout=60) == 2  # (the stand-in writes no summary)
+    assert "finished: runs/digits@10-layermatch-s0" in (tmp_path / "first.out").read_text()
+    assert log.read_text().count("--out runs/digits@10-layermatch-s0") == 1  # trained once
 
 
 KILLED_SEED_0 = """case "$*" in *layermatch.py*"--seed 0 "*)  # killed (as by the out-of-memory killer) once it has metrics
