@@ -80,7 +80,8 @@ done
 
 # A run is claimed by its folder's sweep.lock, held by the run's process until it ends (the system releases it if the
 # process dies): a second sweep over the same grid skips it (exit 75). The lock is held before the start is decided:
-# --resume where a checkpoint is, else --overwrite, never over a run another sweep has trained meanwhile.
+# --resume where a checkpoint is, else --overwrite, never over a run another sweep has trained meanwhile. Sweeps on
+# several nodes need locks that reach every node (NFS with its lock service; Lustre mounted with flock, not localflock).
 claim='import os, sys
 out, cmd = sys.argv[1], sys.argv[2:]
 lock = open(os.path.join(out, "sweep.lock"), "a")

@@ -2393,7 +2393,7 @@ def test_a_filesystem_without_locks_is_a_note_and_the_cache_is_built(tmp_path, m
 def test_decoding_processes_are_the_cpus_this_process_may_use(tmp_path, monkeypatch):
     paths = photo_folder(tmp_path / "photos")[:4] * 25  # 100 images: 4 tasks of 32 at most
     started, real = [], lm.ProcessPoolExecutor
-    monkeypatch.setattr(lm, "ProcessPoolExecutor", lambda n: started.append(n) or real(n))
+    monkeypatch.setattr(lm, "ProcessPoolExecutor", lambda n, **kw: started.append(n) or real(n, **kw))
     right = torch.stack([pil_read(p, 8) for p in paths])
     for cpus, processes in (({0, 5, 7}, [3]), ({3}, [])):  # one CPU: decoded here
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
