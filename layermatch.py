@@ -696,10 +696,12 @@ def usable_cpus() -> int:
 CHUNK = 32  # images per task of a decoding process, at most
 
 def die_with_parent():
-    """A decoding process ends with its run (Linux): killed (out of memory), the run would leave it waiting forever."""
+    """A decoding process ends with its run (Linux), which may be SIGKILLed; else it holds the run's locks forever."""
     if sys.platform == "linux":
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the run died before that (init adopted this process)
+            os._exit(1)
 
 def decode_into(file: str, paths: list, size: int, squash: bool = False):
     """Decode into file, made uint8 [N, 3, size, size], by one process per CPU this process may use (threads: the GIL).
@@ -725,15 +727,15 @@ def read_images(paths: list, size: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def cache_lock(path: str):
-    """Yields whether it holds an exclusive lock on the file path while the block runs, so one node decodes once: a
-    POSIX lock, released when this process dies, not held by the processes it forks. The cache is right without it."""
+    """Yields whether it holds an exclusive lock on the file path while the block runs (the system releases it when the
+    process and its decoding processes end): the processes of one node decode once. The cache is right without it."""
     with open(path, "a") as fh:
         try:
             import fcntl
-            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (unlike lockf, also between this process's threads)
+        except BlockingIOError:
             print(f"note: waiting for another process decoding into the image cache ('{path}')", file=sys.stderr)
-            fcntl.lockf(fh, fcntl.LOCK_EX)
+            fcntl.flock(fh, fcntl.LOCK_EX)
         except (ImportError, OSError) as e:  # Windows; ENOLCK: NFS without its lock service; ENOSYS: Lustre, no locks
             print(f"note: no lock on '{path}' ({e}): processes that start together may each decode", file=sys.stderr)
             fcntl = None  # no lock held
@@ -1022,9 +1024,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float):
 def zero_momentum(opt: torch.optim.SGD):
     """Zero momentum buffers (step 1 = SGD's buf = g): fused SGD leaves its empty_like ones unwritten when a GradScaler
     skips step 1 (usual with fp16), and the garbage diverges the run."""
-    for group in opt.param_groups:
-        for p in group["params"]:
-            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    for p in (p for group in opt.param_groups for p in group["params"]):
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
 
 def learning_rate(cfg, step):
     return cfg.lr * math.cos(7 * math.pi * step / (16 * cfg.steps))
@@ -1106,8 +1107,7 @@ def check_resumable(cfg: Config, saved: dict):
 
 def pick_device(name: str, local_rank: int) -> torch.device:
     available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
-    if name == "auto":
-        name = next(k for k, ok in available.items() if ok)
+    name = next(k for k, ok in available.items() if ok) if name == "auto" else name
     if name not in available:
         raise UserError(f"unknown device '{name}' (choose auto, cuda, cpu or mps)")
     if not available[name]:

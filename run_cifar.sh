@@ -37,7 +37,7 @@ error() { echo "run_cifar.sh: error: $*" >&2; exit 2; }
 [[ $jobs =~ ^[1-9][0-9]*$ ]] || error "JOBS must be a positive integer (got '$jobs')"
 for i in "${!seeds[@]}"; do
   [[ ${seeds[i]} =~ ^[0-9]+$ ]] || error "SEEDS entry '${seeds[i]}' is not a seed (0, 1, ...)"
-  seeds[i]=$((10#${seeds[i]}))  # 00 is 0
+  seeds[i]=${seeds[i]#"${seeds[i]%%[!0]*}"} && seeds[i]=${seeds[i]:-0}  # 00 is 0 (as text: no overflow)
 done
 for algorithm in "${algorithms[@]}"; do
   [[ " $known " == *" $algorithm "* ]] || error "unknown algorithm '$algorithm' in ALGORITHMS (choose from $known)"
@@ -66,17 +66,19 @@ try:
     try:  # a lock in --data-dir: another sweep that downloads the same files waits for this one
         import fcntl
         os.makedirs(cfg.data_dir, exist_ok=True)
-        fcntl.lockf(lock := open(os.path.join(cfg.data_dir, f".{cfg.dataset}.download-lock"), "a"), fcntl.LOCK_EX)
+        fcntl.flock(lock := open(os.path.join(cfg.data_dir, f".{cfg.dataset}.download-lock"), "a"), fcntl.LOCK_EX)
     except (ImportError, OSError):
         pass  # Windows, a read-only --data-dir (its files must be there), NFS without its lock service
     m.load_data(cfg)
 except m.UserError as e:
     sys.exit(f"run_cifar.sh: error: {e}")'
-trap 'kill -TERM ${!-} 2> /dev/null; wait; echo "run_cifar.sh: interrupted while downloading" >&2; exit 130' INT TERM
+trap 'kill -TERM ${!-} 2> /dev/null || true; wait; echo "run_cifar.sh: interrupted while downloading" >&2; exit 130' \
+  INT TERM
 for dataset in ${fetch[@]+"${fetch[@]}"}; do
   python -c "$download" --dataset "$dataset" ${extra[@]+"${extra[@]}"} &  # (waited for: the trap reaches it)
   wait $! || exit 2
 done
+trap - INT TERM
 
 # A run is claimed by its folder's sweep.lock, held by the run's process until it ends (the system releases it if the
 # process dies): a second sweep over the same grid skips it (exit 75). The lock is held before the start is decided:
@@ -87,8 +89,8 @@ out, cmd = sys.argv[1], sys.argv[2:]
 lock = open(os.path.join(out, "sweep.lock"), "a")
 try:
     import fcntl
-    fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a POSIX lock: kept across exec, not passed to forked processes
-except (BlockingIOError, PermissionError):
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # kept across exec (its decoding processes end with the run)
+except BlockingIOError:
     sys.exit(75)
 except (ImportError, OSError) as e:  # Windows, NFS without its lock service
     print(f"run_cifar.sh: note: no lock on {lock.name} ({e}): a second sweep over this grid would train it too",

@@ -2256,7 +2256,7 @@ def test_a_run_killed_while_decoding_leaves_no_process_holding_its_locks(tmp_pat
     assert r.returncode == -signal.SIGKILL, r.stderr
     (lock,) = glob.glob(str(tmp_path / "cache" / "layermatch" / "*-train-8px-lock"))
     with open(lock, "a") as fh:
-        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free
 
 
 SLOW_DECODE = """
@@ -2331,6 +2331,28 @@ def test_a_node_with_its_own_copy_of_the_folder_deletes_no_cache(tmp_path, monke
     assert all(torch.equal(first[k], other[k]) for k in ("train_x", "test_x"))
 
 
+def test_two_threads_of_one_process_decode_a_folder_once(tmp_path, monkeypatch):
+    """The lock keeps out this process's other threads too (a POSIX lock would not: the second thread's cleaning then
+    deleted the first one's file): the second waits, then maps the first one's cache."""
+    root, decodes, read = str(image_folder(tmp_path / "pets")), [], lm.read_image
+    monkeypatch.setattr(lm, "read_image", lambda *a: decodes.append(a[0]) or time.sleep(0.02) or read(*a))
+    loads, errors = [], []
+    def load():
+        try:
+            loads.append(lm.load_folder(root, 8, ""))
+        except BaseException as e:
+            errors.append(e)
+    first, second = threading.Thread(target=load), threading.Thread(target=load)
+    first.start()
+    deadline = time.monotonic() + 60
+    while not decodes and time.monotonic() < deadline:  # the first one holds the lock and decodes
+        time.sleep(0.005)
+    second.start()
+    first.join(), second.join()
+    assert not errors and len(loads) == 2 and len(decodes) == 29, errors
+    assert all(torch.equal(loads[0][k], loads[1][k]) for k in ("train_x", "test_x"))
+
+
 def no_lock_but_both_write_at_once(monkeypatch, locked, hosts):
     """cache_lock as on a filesystem without locks (locked False), or with locks per node (each 'node' holds it); both
     writers meet at a barrier before decoding, so they decode (each into its temporary file) at once."""
@@ -2383,7 +2405,7 @@ def test_a_filesystem_without_locks_is_a_note_and_the_cache_is_built(tmp_path, m
     import fcntl
     def no_locks(fh, how):
         raise OSError(error, os.strerror(error))
-    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
     d = lm.load_folder(str(image_folder(tmp_path / "pets")), 8, "")
     assert d["test_x"][:, 0, 0, 0].tolist() == [42, 43, 122, 123, 202, 203]
     notes = capsys.readouterr().err.splitlines()
@@ -2936,15 +2958,16 @@ def test_run_cifar_trains_a_run_named_twice_once_and_downloads_what_is_not_finis
     assert r.returncode == 2 and r.stderr.endswith(f"1 of 3 runs did not finish: {outs[0]}\n"), r.stderr
 
 
-def test_run_cifar_interrupted_while_downloading_stops_the_download(tmp_path):
+@pytest.mark.parametrize("whom", ["script", "group"])  # kill(script), or its process group (Slurm, a terminal)
+def test_run_cifar_interrupted_while_downloading_stops_the_download(tmp_path, whom):
     run, pid = sweep(tmp_path), tmp_path / "download.pid"
-    p = run(popen=dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), RUNS="cifar10@40", SEEDS="0",
-            SLOW_DOWNLOAD=str(pid))
+    p = run(popen=dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True),
+            RUNS="cifar10@40", SEEDS="0", SLOW_DOWNLOAD=str(pid))
     deadline = time.monotonic() + 60
     while not (pid.exists() and pid.read_text().strip()):  # (the stand-in writes its pid, then waits)
         assert time.monotonic() < deadline and p.poll() is None
         time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)  # as scancel, or a job's time limit
+    os.kill(p.pid, signal.SIGTERM) if whom == "script" else os.killpg(p.pid, signal.SIGTERM)  # scancel, time limit
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.strip() == "run_cifar.sh: interrupted while downloading", err
     with pytest.raises(ProcessLookupError):  # no download is left running
@@ -2959,7 +2982,7 @@ def test_run_cifar_skips_a_run_that_another_sweep_trains(tmp_path):
     busy = tmp_path / "runs" / "digits@10-layermatch-s0"
     busy.mkdir(parents=True)
     with open(busy / "sweep.lock", "a") as held:
-        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         r = run(RUNS="digits@10 digits@20", SEEDS="0")
     assert "skipped, another sweep trains it: runs/digits@10-layermatch-s0" in r.stdout, r.stdout
     assert [c.split("--out ")[1].split()[0] for c in log.read_text().splitlines()[:-1]] == ["runs/digits@20-layermatch-s0"]
