@@ -9,7 +9,6 @@ us; section "Our reading of the method" in README.md says exactly what we implem
     python layermatch.py --dataset cifar10 --labels 40                  # LayerMatch, FixMatch protocol
     python layermatch.py --dataset cifar10 --labels 40 --algorithm fixmatch   # the baseline
     python layermatch.py --dataset digits --labels 20                   # offline demo, minutes on a CPU
-    python layermatch.py --dataset cifar10 --labels 40 --resume         # continue an interrupted run
     python layermatch.py --dataset folder --data-dir PATH --labels 40 --image-size 96 --arch resnet18  # your photos
     python layermatch.py --dataset imagenet100 --data-dir ROOT --labels 1300   # ResNet-50, 224 px, 13 per class
     python layermatch.py --table runs                                   # mean ± std over seeds of finished runs
@@ -196,6 +195,7 @@ def resolve(cfg: Config, user_data: bool) -> Config:
               (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0, "--depth must be 6n+4 with n >= 1 (e.g. 28)"),
               (cfg.stop_at >= 0 and cfg.checkpoint_minutes >= 0, "--stop-at and --checkpoint-minutes must be >= 0"),
               (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+              (0 <= cfg.seed < 2**32, f"--seed must be in 0..{2**32 - 1} (got {cfg.seed})"),  # (+ rank offsets: 64 bits)
               (cfg.arch in ARCHS, f"unknown --arch '{cfg.arch}' (choose from {', '.join(ARCHS)})"),
               (not cfg.pretrained or cfg.arch != "wrn", "--pretrained needs --arch resnet18 or resnet50")]
     for ok, message in checks:

@@ -1104,6 +1104,8 @@ BAD_INPUT = [
     (("--algorithm", "mixmatch"), "invalid choice"),
     (("--grad-relu", "maybe"), "invalid choice"),
     (("--resume", "--overwrite"), "exclude"),
+    (("--seed", -1), "--seed must be in 0..4294967295 (got -1)"),
+    (("--seed", 2**64), "--seed must be in 0..4294967295"),  # was a traceback (torch's generators take 64 bits)
     (("--algorithm", "supervised", "--threshold", 0.5), "supervised uses no pseudo-labels, so --threshold"),
     (("--algorithm", "supervised", "--lambda-ac", 1), "--lambda-ac would be ignored"),
     (("--algorithm", "supervised", "--grad-relu", "zero"), "--grad-relu would be ignored"),
