@@ -195,7 +195,7 @@ def resolve(cfg: Config, user_data: bool) -> Config:
               (cfg.depth >= 10 and (cfg.depth - 4) % 6 == 0, "--depth must be 6n+4 with n >= 1 (e.g. 28)"),
               (cfg.stop_at >= 0 and cfg.checkpoint_minutes >= 0, "--stop-at and --checkpoint-minutes must be >= 0"),
               (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
-              (0 <= cfg.seed < 2**32, f"--seed must be in 0..{2**32 - 1} (got {cfg.seed})"),  # (+ rank offsets: 64 bits)
+              (0 <= cfg.seed < 2**32, f"--seed must be in 0..{2**32 - 1} (got {cfg.seed})"),  # (rank offsets: 64 bits)
               (cfg.arch in ARCHS, f"unknown --arch '{cfg.arch}' (choose from {', '.join(ARCHS)})"),
               (not cfg.pretrained or cfg.arch != "wrn", "--pretrained needs --arch resnet18 or resnet50")]
     for ok, message in checks:
@@ -652,23 +652,20 @@ def load_data(cfg: Config) -> dict:
         return d | dict(mean_std=tuple(255 * torch.tensor(v, dtype=torch.float64) for v in IMAGENET_MEAN_STD))
     import torchvision.datasets as D
     nhwc = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # CIFAR stores [N, H, W, C]
-    root = cfg.data_dir
     try:
         if cfg.dataset in ("cifar10", "cifar100"):
-            cls = D.CIFAR10 if cfg.dataset == "cifar10" else D.CIFAR100
-            tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
+            tr, te = (getattr(D, cfg.dataset.upper())(cfg.data_dir, train=t, download=True) for t in (True, False))
             return dict(train_x=nhwc(tr.data), train_y=torch.tensor(tr.targets), test_x=nhwc(te.data),
                         test_y=torch.tensor(te.targets), unlabeled_x=None, classes=tr.classes)
-        svhn = cfg.dataset == "svhn"
-        cls, splits = (D.SVHN, ("train", "test")) if svhn else (D.STL10, ("train", "test", "unlabeled"))
-        sets = [cls(root, split=s, download=True) for s in splits]
+        splits = ("train", "test") if cfg.dataset == "svhn" else ("train", "test", "unlabeled")
+        sets = [getattr(D, cfg.dataset.upper())(cfg.data_dir, split=s, download=True) for s in splits]  # SVHN or STL10
         return dict(train_x=torch.from_numpy(sets[0].data), train_y=torch.from_numpy(sets[0].labels).long(),
                     test_x=torch.from_numpy(sets[1].data), test_y=torch.from_numpy(sets[1].labels).long(),
                     unlabeled_x=torch.from_numpy(sets[2].data) if len(sets) > 2 else None)
     except Exception as e:  # no internet, a half-downloaded file, a read-only --data-dir ...
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
-        raise UserError(f"could not load {cfg.dataset} from '{root}' ({reason}). Without internet, put "
-                        f"{DOWNLOAD_HINTS[cfg.dataset]} into '{root}' or pass --data-dir") from None
+        raise UserError(f"could not load {cfg.dataset} from '{cfg.data_dir}' ({reason}). Without internet, put "
+                        f"{DOWNLOAD_HINTS[cfg.dataset]} into '{cfg.data_dir}' or pass --data-dir") from None
 
 def read_image(path: str, size: int, squash: bool = False) -> bytes:
     """An image file -> RGB bytes [3, size, size]: shorter side to size (antialiased bilinear), centre crop; or, squash,
@@ -1695,6 +1692,9 @@ def main(argv=None):
     except Interrupted as e:
         print(f"layermatch.py: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
+    finally:  # a process group left to the interpreter's exit can abort it ("terminate called...", SIGABRT)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()

@@ -1789,8 +1789,18 @@ def test_a_checkpoint_rank_0_cannot_read_stops_every_rank_in_one_line(ddp_stoppe
     corrupt = f"checkpoint '{out / 'checkpoint.pt'}' is truncated or corrupt"
     assert r.returncode != 0 and logs[0].startswith(f"layermatch.py: error: {corrupt}") and \
         logs[1].startswith(f"layermatch.py: error: stopped because rank 0 failed: {corrupt}"), logs
-    assert [log.count("\n") for log in logs] == [1, 1]
+    assert [log.count("\n") for log in logs] == [1, 1], logs
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+@pytest.mark.parametrize("error", [lm.UserError("no"), lm.Interrupted(signal.SIGTERM, 4, "run")])
+def test_main_ends_the_process_group_whatever_stops_it(error, monkeypatch):
+    """Left to the interpreter's exit, the group's threads could abort it (SIGABRT) after the one-line message."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    monkeypatch.setattr(lm, "train", lambda cfg: (_ for _ in ()).throw(error))
+    with pytest.raises(SystemExit):
+        lm.main(["--dataset", "digits", "--labels", "20", "--device", "cpu"])
+    assert not torch.distributed.is_initialized()
 
 
 KILLED_AT_THE_SECOND_CHECKPOINT = """
@@ -2042,6 +2052,31 @@ def test_folder_images_keep_their_aspect_ratio_and_val_stands_for_test(tmp_path)
     assert d["train_x"].shape[1:] == (3, 8, 8) and d["train_x"][i, 0].max() < 64  # squashed, column 0 was red
     os.rename(root / "test", root / "val")
     assert torch.equal(lm.load_folder(str(root), 8, "")["test_x"], d["test_x"])
+
+
+def test_downloaded_datasets_come_from_torchvisions_class_of_their_name_in_our_layout(tmp_path, monkeypatch):
+    """No download here: stand-ins of the classes with torchvision's attributes (CIFAR: NHWC data, targets; SVHN and
+    STL10: NCHW data, labels), each split with its own images."""
+    import torchvision.datasets
+    made = []
+
+    def stand_in(name, root, **kwargs):
+        split = kwargs.get("split", "train" if kwargs.get("train") else "test")
+        made.append((name, root, split, kwargs["download"]))
+        n, cifar = dict(train=4, test=3, unlabeled=5)[split], name.startswith("CIFAR")
+        data = np.full((n, 8, 8, 3) if cifar else (n, 3, 8, 8), len(made), dtype=np.uint8)
+        return types.SimpleNamespace(data=data, targets=list(range(n)), labels=np.arange(n), classes=["a", "b"])
+    for name in ("CIFAR10", "CIFAR100", "SVHN", "STL10"):
+        monkeypatch.setattr(torchvision.datasets, name, functools.partial(stand_in, name))
+    for dataset, splits in [("cifar10", "train test"), ("cifar100", "train test"), ("svhn", "train test"),
+                            ("stl10", "train test unlabeled")]:
+        made.clear()
+        d = lm.load_data(lm.Config(dataset=dataset, data_dir=str(tmp_path)))
+        assert made == [(dataset.upper(), str(tmp_path), split, True) for split in splits.split()]
+        assert [d["train_x"].shape, d["test_x"].shape] == [(4, 3, 8, 8), (3, 3, 8, 8)]
+        assert d["train_x"].unique().tolist() == [1] and d["test_x"].unique().tolist() == [2]
+        assert d["train_y"].tolist() == [0, 1, 2, 3] and d["test_y"].dtype == torch.int64
+        assert d["unlabeled_x"] is None if dataset != "stl10" else d["unlabeled_x"].shape == (5, 3, 8, 8)
 
 
 def test_imagenet100_is_the_100_listed_classes_of_an_imagenet_folder_fed_as_torchssl(tmp_path):
