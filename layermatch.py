@@ -1593,10 +1593,9 @@ class Classifier(nn.Module):
         return self.net((x.float() - self.mean) / self.std)[0]
 
 def classifier(ck: dict, which: str) -> Classifier:
-    cfg, inputs = ck["config"], ck["inputs"]
-    net = make_network(cfg, len(inputs["classes"]), inputs["shape"])
+    net = make_network(ck["config"], len(ck["inputs"]["classes"]), ck["inputs"]["shape"])
     net.load_state_dict(ck[which])
-    return Classifier(net, inputs, ck["step"]).eval().requires_grad_(False)
+    return Classifier(net, ck["inputs"], ck["step"]).eval().requires_grad_(False)
 
 def load(out: str, which: str = "ema", device: str = "cpu") -> Classifier:
     """A run's model for inference: which="ema" (every reported accuracy's) or "model" (the live weights)."""
