@@ -652,13 +652,14 @@ def load_data(cfg: Config) -> dict:
         return d | dict(mean_std=tuple(255 * torch.tensor(v, dtype=torch.float64) for v in IMAGENET_MEAN_STD))
     import torchvision.datasets as D
     nhwc = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # CIFAR stores [N, H, W, C]
+    cls = getattr(D, cfg.dataset.upper())  # CIFAR10, CIFAR100, SVHN or STL10
     try:
         if cfg.dataset in ("cifar10", "cifar100"):
-            tr, te = (getattr(D, cfg.dataset.upper())(cfg.data_dir, train=t, download=True) for t in (True, False))
+            tr, te = (cls(cfg.data_dir, train=t, download=True) for t in (True, False))
             return dict(train_x=nhwc(tr.data), train_y=torch.tensor(tr.targets), test_x=nhwc(te.data),
                         test_y=torch.tensor(te.targets), unlabeled_x=None, classes=tr.classes)
         splits = ("train", "test") if cfg.dataset == "svhn" else ("train", "test", "unlabeled")
-        sets = [getattr(D, cfg.dataset.upper())(cfg.data_dir, split=s, download=True) for s in splits]  # SVHN or STL10
+        sets = [cls(cfg.data_dir, split=s, download=True) for s in splits]
         return dict(train_x=torch.from_numpy(sets[0].data), train_y=torch.from_numpy(sets[0].labels).long(),
                     test_x=torch.from_numpy(sets[1].data), test_y=torch.from_numpy(sets[1].labels).long(),
                     unlabeled_x=torch.from_numpy(sets[2].data) if len(sets) > 2 else None)
