@@ -1059,13 +1059,12 @@ def write_text(path, text, tmp=None):
     atomic_write(path, lambda fh: fh.write(text.encode()), tmp)
 
 def job_id() -> dict:
-    """This job as config.json records it: torchrun's run id (--rdzv-id, new per --standalone launch; for "none", rank
-    0's torchrun launch, which its restarts share), else Slurm's job id and requeue count. None: no job known."""
-    run, requeue = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
-    launch = os.environ.get("TORCHELASTIC_ERROR_FILE", "").rsplit(os.sep, 3)[0] or os.getppid()  # <launch>/attempt_N/..
-    run = f"launch {socket.gethostname()}:{launch}" if run == "none" else run  # a log folder per torchrun launch
-    return dict(job=run, requeue=None) if run else \
-        dict(job=os.environ.get("SLURM_JOB_ID"), requeue=int(requeue) if requeue.isdigit() else 0)
+    """This job as config.json records it: torchrun's run (--rdzv-id, new per --standalone launch; for "none", rank 0's
+    torchrun launch, which its restarts share) and Slurm's job and requeue count; None (0): not under one."""
+    run, slurm, requeue = (os.getenv(k, "") for k in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_RESTART_COUNT"))
+    launch = os.getenv("TORCHELASTIC_ERROR_FILE", "").rsplit(os.sep, 3)[0] or os.getppid()  # <launch>/attempt_N/..
+    return dict(job=f"launch {socket.gethostname()}:{launch}" if run == "none" else run or None,
+                slurm_job=slurm or None, requeue=int(requeue) if requeue.isdecimal() else 0)
 
 RUN_FILES = ("checkpoint.pt", "metrics.csv", "summary.json")  # a run's results: only --overwrite removes them
 OWN = {"config.json", "tb", "log.txt", "sweep.lock", *(f"{n}.tmp" for n in ("config.json", *RUN_FILES))}  # (sweeps)
@@ -1286,12 +1285,13 @@ def restore_checkpoint(s: State, ck: dict, cfg: Config, world: int, rank: int):
 
 def resume_point(cfg: Config) -> tuple:
     """What this start does with --out, decided by rank 0: (--resume and --overwrite as applied, checkpoint, finished
-    run's summary). It continues the run if asked (--resume) or if this job wrote it (a torchrun restart, a node that
-    joins, a Slurm requeue), deleting nothing; any other start is a first start, so a refusal stays a refusal."""
+    run's summary). It continues if asked (--resume) or if this job wrote it, deleting nothing; else a first start."""
     file = lambda name: os.path.join(cfg.out, name)
     now, mine = job_id(), read_json(file("config.json"))  # lenient: a file that is not this job's is not ours
-    requeued = now["requeue"] is None or isinstance(mine.get("requeue"), int) and mine["requeue"] < now["requeue"]
-    ours = now["job"] is not None and mine.get("job") == now["job"] and requeued  # Slurm: requeued since that start
+    restarted = now["job"] is not None and mine.get("job") == now["job"]  # torchrun: a restart, a node that joins
+    requeued = now["slurm_job"] is not None and mine.get("slurm_job") == now["slurm_job"] and \
+        isinstance(mine.get("requeue"), int) and mine["requeue"] < now["requeue"]  # (another launch: the same count)
+    ours = now["job"] if restarted else now["slurm_job"] if requeued else None  # the name of the job that wrote it
     if not (cfg.resume or ours):
         return {}, None, None
     found, done = os.path.exists(file("checkpoint.pt")), read_json(file("summary.json"), needs=REPORTED)
@@ -1309,7 +1309,7 @@ def resume_point(cfg: Config) -> tuple:
     ck = read_checkpoint(cfg.out) if found else None
     check_resumable(cfg, ck["config"] if found else saved)  # before anything is loaded or written
     if ours or not found:
-        print(f"continuing job {saved['job']}'s run in '{cfg.out}' at step {ck['step'] if found else 0}" if ours else
+        print(f"continuing job {ours}'s run in '{cfg.out}' at step {ck['step'] if found else 0}" if ours else
               f"note: '{cfg.out}' holds no run yet: --resume starts it", file=sys.stderr)
     return dict(resume=True, overwrite=False), ck, None
 
@@ -1628,7 +1628,7 @@ def evaluate_run(cfg: Config):
     return accs
 
 # What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment
-NOT_IN_TABLE = BOOKKEEPING + ("job", "requeue", "torchrun_job", "seed", "data_dir", "device", "precision",
+NOT_IN_TABLE = BOOKKEEPING + ("job", "slurm_job", "requeue", "torchrun_job", "seed", "data_dir", "device", "precision",
                               "channels_last", "compile", "evaluate", "table")  # torchrun_job: "job" before version 6
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 

@@ -35,9 +35,10 @@ print(*m.Config.__dataclass_fields__["augment"].metadata["choices"])')
 { read -r gpus cores; read -r datasets; read -r known; read -r downloads; read -r augments; } <<< "$probe"
 error() { echo "run_cifar.sh: error: $*" >&2; exit 2; }
 [[ $jobs =~ ^[1-9][0-9]*$ ]] || error "JOBS must be a positive integer (got '$jobs')"
-for i in "${!seeds[@]}"; do
-  [[ ${seeds[i]} =~ ^[0-9]+$ ]] || error "SEEDS entry '${seeds[i]}' is not a seed (0, 1, ...)"
-  seeds[i]=${seeds[i]#"${seeds[i]%%[!0]*}"} && seeds[i]=${seeds[i]:-0}  # 00 is 0 (as text: no overflow)
+for i in "${!seeds[@]}"; do  # layermatch.py's --seed range; 00 is 0
+  [[ ${seeds[i]} =~ ^0*([0-9]{1,10})$ ]] && (( 10#${BASH_REMATCH[1]} < 2**32 )) ||
+    error "SEEDS entry '${seeds[i]}' is not a seed (0 to $(( 2**32 - 1 )))"
+  seeds[i]=$(( 10#${BASH_REMATCH[1]} ))
 done
 for algorithm in "${algorithms[@]}"; do
   [[ " $known " == *" $algorithm "* ]] || error "unknown algorithm '$algorithm' in ALGORITHMS (choose from $known)"
@@ -86,16 +87,16 @@ trap - INT TERM
 # several nodes need locks that reach every node (NFS with its lock service; Lustre mounted with flock, not localflock).
 claim='import os, sys
 out, cmd = sys.argv[1], sys.argv[2:]
-lock = open(os.path.join(out, "sweep.lock"), "a")
 try:
     import fcntl
+    lock = open(os.path.join(out, "sweep.lock"), "a")
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # kept across exec (its decoding processes end with the run)
+    os.set_inheritable(lock.fileno(), True)
 except BlockingIOError:
     sys.exit(75)
-except (ImportError, OSError) as e:  # Windows, NFS without its lock service
-    print(f"run_cifar.sh: note: no lock on {lock.name} ({e}): a second sweep over this grid would train it too",
+except (ImportError, OSError) as e:  # Windows, NFS without its lock service, a folder not writable (the run says so)
+    print(f"run_cifar.sh: note: no lock in {out} ({e}): a second sweep over this grid would train it too",
           file=sys.stderr)
-os.set_inheritable(lock.fileno(), True)
 os.execvp(cmd[0], cmd + ["--resume" if os.path.exists(os.path.join(out, "checkpoint.pt")) else "--overwrite"])'
 
 # With JOBS > 1, slot i trains on GPU i (in turn when there are fewer) with its share of the cores.

@@ -838,6 +838,21 @@ def test_a_slurm_job_continues_its_run_only_when_requeued(tmp_path, monkeypatch,
     assert [h["step"] for h in weights(out)["history"]] == [2, 4] and json.load(open(out / "config.json"))["requeue"] == 1
 
 
+@pytest.mark.parametrize("launches", [("none", "none"), ("uuid-1", "uuid-2")], ids=["no --rdzv-id", "--standalone"])
+def test_a_requeued_slurm_job_continues_what_its_torchrun_wrote_before(tmp_path, monkeypatch, capsys, launches):
+    """A requeue starts a new torchrun launch (another log folder, another --standalone id): the Slurm job and its
+    requeue count still make it this job's continuation, so the command's --overwrite is not applied again."""
+    out, command = tmp_path / "run", (*TINY, "--steps", 4, "--eval-every", 2, "--out", tmp_path / "run", "--overwrite")
+    monkeypatch.setenv("SLURM_JOB_ID", "31")
+    for requeue, run in enumerate(launches):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(requeue))
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"launch{requeue}" / "attempt_0" / "0" / "e"))
+        lm.main(list(map(str, (*command, "--stop-at", 2) if requeue == 0 else command)))
+    assert f"continuing job 31's run in '{out}' at step 2\n" in capsys.readouterr().err
+    assert [h["step"] for h in weights(out)["history"]] == [2, 4]
+
+
 def test_the_static_rendezvous_job_is_its_launch_whatever_starts_the_workers(monkeypatch):
     """torchrun's run id is "none" there: the job is rank 0's launch, named by its log folder, which every attempt
     shares (a wrapper script between torchrun and python, a new process at each attempt, changes nothing)."""
@@ -2973,6 +2988,8 @@ def test_run_cifar_interrupted_stops_every_job_after_it_saved(tmp_path, whom):
     (dict(ALGORITHMS="fixmatch meanteacher"), "unknown algorithm 'meanteacher' in ALGORITHMS (choose from layermatch "),
     (dict(JOBS="0"), "JOBS must be a positive integer (got '0')"), (dict(JOBS="two"), "JOBS must be a positive "),
     (dict(SEEDS="0 one"), "SEEDS entry 'one' is not a seed"),
+    (dict(SEEDS="4294967295 04294967296"), "SEEDS entry '04294967296' is not a seed (0 to 4294967295)"),
+    (dict(SEEDS="99999999999999999999"), "SEEDS entry '99999999999999999999' is not a seed (0 to 4294967295)"),
     (dict(AUGMENT="bogus"), "unknown AUGMENT 'bogus' (choose from fixmatch usb)"),
     (dict(AUGMENT="usb *"), "unknown AUGMENT 'usb *' (choose from fixmatch usb)"),
     (dict(AUGMENT="fixmatch usb"), "unknown AUGMENT 'fixmatch usb' (choose from fixmatch usb)")])
@@ -3033,6 +3050,16 @@ def test_run_cifar_skips_a_run_that_another_sweep_trains(tmp_path):
     r = run(RUNS="digits@10", SEEDS="0", MEANWHILE="1")  # the other sweep stopped, leaving a checkpoint
     assert r.stdout.splitlines()[:2] == ["started: runs/digits@10-layermatch-s0", "finished: runs/digits@10-layermatch-s0"]
     assert log.read_text().splitlines()[0].endswith("--out runs/digits@10-layermatch-s0 --resume")  # decided under the lock
+
+
+def test_run_cifar_a_claim_it_cannot_take_is_a_note_and_the_run_goes_on(tmp_path):
+    """A lock file that cannot be opened (here a folder of that name; also a folder not writable) is one note, not
+    a traceback: the run starts unclaimed, and says itself what is wrong with its folder."""
+    run, log = sweep(tmp_path), tmp_path / "bin" / "calls.log"
+    (tmp_path / "runs" / "digits@10-layermatch-s0" / "sweep.lock").mkdir(parents=True)
+    r = run(RUNS="digits@10", SEEDS="0")
+    assert "Traceback" not in r.stderr and "run_cifar.sh: note: no lock in runs/digits@10-layermatch-s0 (" in r.stderr
+    assert "--out runs/digits@10-layermatch-s0 --overwrite" in log.read_text(), r.stderr
 
 
 HOLDING_PYTHON = """echo "$@" >> "$(dirname "$0")/calls.log"
