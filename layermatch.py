@@ -1289,9 +1289,9 @@ def resume_point(cfg: Config) -> tuple:
     file = lambda name: os.path.join(cfg.out, name)
     now, mine = job_id(), read_json(file("config.json"))  # lenient: a file that is not this job's is not ours
     restarted = now["job"] is not None and mine.get("job") == now["job"]  # torchrun: a restart, a node that joins
-    requeued = now["slurm_job"] is not None and mine.get("slurm_job") == now["slurm_job"] and \
+    requeued = now["slurm_job"] is not None and mine.get("slurm_job", mine.get("job")) == now["slurm_job"] and \
         isinstance(mine.get("requeue"), int) and mine["requeue"] < now["requeue"]  # (another launch: the same count)
-    ours = now["job"] if restarted else now["slurm_job"] if requeued else None  # the name of the job that wrote it
+    ours = now["job"] if restarted else now["slurm_job"] if requeued else None  # (no slurm_job: Slurm's id was job)
     if not (cfg.resume or ours):
         return {}, None, None
     found, done = os.path.exists(file("checkpoint.pt")), read_json(file("summary.json"), needs=REPORTED)

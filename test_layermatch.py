@@ -832,6 +832,10 @@ def test_a_slurm_job_continues_its_run_only_when_requeued(tmp_path, monkeypatch,
     lm.main(list(map(str, (*command, "--lr", 0.05, "--overwrite", "--stop-at", 2))))  # overwritten, not continued
     assert weights(out)["history"][0]["lr"] == lm.learning_rate(lm.resolve(lm.Config(**DIGITS, lr=0.05), False), 1)
     assert "continuing" not in capsys.readouterr().err
+    config = json.load(open(out / "config.json"))
+    assert (config["job"], config["slurm_job"], config["requeue"]) == (None, "777", 0)
+    del config["slurm_job"]
+    (out / "config.json").write_text(json.dumps(config | dict(job="777")))  # as version 6's first commits wrote it
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     lm.main(list(map(str, (*command, "--lr", 0.05, "--overwrite"))))  # the requeue runs the same line again
     assert f"continuing job 777's run in '{out}' at step 2\n" in capsys.readouterr().err
