@@ -125,6 +125,8 @@ class Config:
     # instead of training
     evaluate: bool = arg(False, "report the test accuracy of the run in --out (EMA and live model), then exit")
     table: str = arg("", "print the results table of finished runs (summary.json) below DIR, then exit", metavar="DIR")
+    baseline: str = arg("fixmatch", "--table: the row each row is compared with, seed by seed", metavar="ROW")
+    markdown: bool = arg(False, "--table: as a markdown table, with each seed's figure")
 
 DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
     "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False),
@@ -567,6 +569,12 @@ def layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, lambda_u, lamb
 
 # ---------------------------------------------------------------------------------------------
 # One step of LayerMatch: from a batch of images to the loss
+
+def all_reduce(*tensors):
+    """Sum each tensor over the processes of a torchrun job, in place (nothing to do in one process)."""
+    if dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t)
 
 def avg_clustering_step(f, y, weight, centres, seen, alpha):
     """The centres updated with the contributors' (weight 1) features, summed over all processes: all hold the same."""
@@ -1186,11 +1194,6 @@ def from_rank_zero(group, rank: int, work):
         return t
     return tensors_as(result if rank == 0 else box[0], send)
 
-def all_reduce(*tensors):
-    if dist.is_initialized():
-        for t in tensors:
-            dist.all_reduce(t)
-
 def rank_mean(t: torch.Tensor) -> torch.Tensor:
     """The mean of t over all processes (t itself in a single process)."""
     all_reduce(t := t.clone())
@@ -1627,9 +1630,10 @@ def evaluate_run(cfg: Config):
           f"test accuracy {accs[0]:.2%} (EMA model, as reported in training), {accs[1]:.2%} (live model)")
     return accs
 
-# What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment
+# What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment (torchrun_job:
+# "job" before version 6)
 NOT_IN_TABLE = BOOKKEEPING + ("job", "slurm_job", "requeue", "torchrun_job", "seed", "data_dir", "device", "precision",
-                              "channels_last", "compile", "evaluate", "table")  # torchrun_job: "job" before version 6
+                              "channels_last", "compile", "evaluate", "table", "baseline", "markdown")
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 
 def short_names(paths: set) -> dict:
@@ -1642,38 +1646,74 @@ def short_names(paths: set) -> dict:
         return "/".join(mine[-k:])
     return {p: tail(mine) for p, mine in parts.items()}
 
-def results_table(root: str) -> str:
-    """--table: per algorithm and settings that differ from the defaults (rows) and dataset@labels (columns), the
-    median of the last 20 evaluations over seeds, from every summary.json below root; one seed's runs averaged."""
+def t95(df: int) -> float:
+    """Student's t two-sided 95% quantile, bisected on P(|T| < t), exact for integer df (Abramowitz-Stegun 26.7.3-4)."""
+    def inside(a):  # P(|T| < sqrt(df) tan(a)); the series' ratios 1/2, 3/4, ... (even df) or 2/3, 4/5, ... (odd df)
+        ratios = [k / (k + 1) for k in range(1 + df % 2, df - 1, 2)]
+        s = sum(itertools.accumulate(ratios, lambda term, r: term * r * math.cos(a) ** 2, initial=1.0))
+        return math.sin(a) * s if df % 2 == 0 else 2 / math.pi * (a + math.sin(a) * math.cos(a) * s * (df > 1))
+    lo, hi = 0.0, math.pi / 2
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if inside((lo + hi) / 2) < 0.95 else (lo, (lo + hi) / 2)
+    return math.sqrt(df) * math.tan(lo)
+
+def mean_sd(v: list, sign: str = "", interval: bool = False) -> str:
+    """'mean ± sd' of v in %, with interval its 95% t-interval from 3 values on."""
+    text, mean = f"{statistics.mean(v):{sign}.2f}", statistics.mean(v)
+    if v[1:]:
+        text += f" ± {statistics.stdev(v):.2f}"
+    half = t95(len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v)) if interval and v[2:] else None
+    return text + (f" [{mean - half:{sign}.2f}, {mean + half:{sign}.2f}]" if half is not None else "")
+
+def paired(a: dict, b: dict) -> str:
+    """Seed by seed, over the seeds both have, a - b: mean ± sd [95% t-interval]; how many, if not all."""
+    d = [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())]
+    return mean_sd(d, "+", True) + (f" ({len(d)} common seeds)" if a.keys() != b.keys() else "") if d else "-"
+
+def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False) -> str:
+    """--table: a row per dataset@labels, algorithm and settings that differ from the defaults, from every summary.json
+    below root: over seeds (one seed's runs averaged), the median of the last 20 evaluations, then seed by seed its
+    difference to the baseline row's and the nearest-centre accuracy's to it. An aligned markdown table."""
     runs = [(folder, read_json(os.path.join(folder, "config.json"), needs=RUN_CONFIG),
              read_json(os.path.join(folder, "summary.json"), needs=REPORTED))
             for folder, _, files in sorted(os.walk(root)) if {"summary.json", "config.json"} <= set(files)]
     if not runs:
         raise UserError(f"no finished runs (summary.json with its config.json) below '{root}'")
     data_names = short_names({cfg["data_dir"] for _, cfg, _ in runs if cfg["dataset"] in OWN_DATA})
-    cells = {}  # (row, column) -> {seed: [(median, best, folder)]}
+    cells = {}  # (dataset, labels, row) -> {seed: [its runs' summary.json, with their folder]}
     for folder, cfg, summary in runs:
         default = dataclasses.asdict(resolve(Config(dataset=cfg["dataset"], algorithm=cfg["algorithm"]), True))
         row = " ".join([cfg["algorithm"]] + [f"{k}={v}" for k, v in cfg.items()
                                              if k not in NOT_IN_TABLE + IDENTITY and default.get(k) != v])
         data = f"{cfg['dataset']}:{data_names[cfg['data_dir']]}" if cfg["dataset"] in OWN_DATA else cfg["dataset"]
-        cells.setdefault((row, (data, cfg["labels"])), {}).setdefault(cfg["seed"], []).append(
-            (summary["test_acc_median_last20"], summary["test_acc_best"], folder))
-    rows, columns = sorted({r for r, _ in cells}), sorted({c for _, c in cells})
+        cells.setdefault((data, cfg["labels"], row), {}).setdefault(cfg["seed"], []).append(summary | dict(
+            dir=os.path.relpath(folder, root)))
 
-    def cell(seeds):  # in %; each seed's runs averaged first; a single seed has no spread to show
-        median, best = ([100 * statistics.mean(run[i] for run in same) for same in seeds.values()] for i in (0, 1))
-        spread = f" ± {statistics.stdev(median):.2f} [{min(median):.2f}–{max(median):.2f}]" if median[1:] else ""
-        return f"{statistics.mean(median):.2f}{spread} (best {statistics.mean(best):.2f}) n={len(median)}"
-    table = [["", *(f"{d}@{n}" for d, n in columns)]]
-    table += [[r, *(cell(cells[r, c]) if (r, c) in cells else "-" for c in columns)] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    lines = [" | ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
-    twice = [f"{r} {d}@{n} seed {seed}: {len(same)} runs ({', '.join(os.path.relpath(f, root) for *_, f in same)})"
-             for (r, (d, n)), seeds in sorted(cells.items()) for seed, same in seeds.items() if len(same) > 1]
-    notes = [f"note: runs with the same seed count as one seed, averaged: {'; '.join(twice)}"] if twice else []
-    return "\n".join(["test accuracy %, over n seeds: mean ± std [min–max] of the median of the last 20 evaluations "
-                      "(mean of the best)", lines[0], "-" * len(lines[0]), *lines[1:], *notes])
+    def over(key, name="test_acc_median_last20"):  # {seed: the mean of its runs' figure in %} where all runs have it
+        seeds = cells.get(key, {})
+        return {s: 100 * statistics.mean(r[name] for r in rs) for s, rs in seeds.items() if all(name in r for r in rs)}
+    seeds = sorted({seed for one in cells.values() for seed in one}) if markdown else []
+    table = [["data", "algorithm", *(f"seed {s}" for s in seeds), "n", "mean ± sd", "min–max", "best",
+              f"− {baseline}, paired", "centre − head"]]
+    algorithms = list(ALGORITHM_DEFAULTS)  # rows in this order, then by settings
+    for key in sorted(cells, key=lambda k: (*k[:2], algorithms.index(k[2].split()[0]), k[2])):
+        (data, labels, row), acc, centre = key, over(key), over(key, "centre_acc_median_last20")
+        table.append([f"{data}@{labels}", row, *(f"{acc[s]:.2f}" if s in acc else "-" for s in seeds), str(len(acc)),
+                      mean_sd(list(acc.values())), f"{min(acc.values()):.2f}–{max(acc.values()):.2f}",
+                      f"{statistics.mean(over(key, 'test_acc_best').values()):.2f}",
+                      "baseline" if row == baseline else paired(acc, over((data, labels, baseline))),
+                      paired(centre, acc) if centre.keys() == acc.keys() else "-"])
+    widths = [max(map(len, column)) for column in zip(*table)]
+    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(line, widths)) + " |" for line in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    twice = [f"{row} {data}@{labels} seed {s}: {len(rs)} runs ({', '.join(r['dir'] for r in rs)})"
+             for (data, labels, row), one in sorted(cells.items()) for s, rs in one.items() if len(rs) > 1]
+    notes = [f"note: runs with the same seed count as one seed, averaged: {'; '.join(twice)}"] * bool(twice)
+    rows = sorted({row for *_, row in cells})
+    notes += [f"note: no row is {baseline} (--baseline ROW, one of: {', '.join(rows)})"] * (baseline not in rows)
+    return "\n".join([f"Test accuracy %, each seed's median of its last 20 evaluations; over n seeds mean ± sd, the "
+                      f"mean best. Paired: seed by seed, minus {baseline}'s run (centre − head: the nearest-centre "
+                      "accuracy minus the head's), mean ± sd [95% t-interval].", "", *lines, *notes])
 
 # ---------------------------------------------------------------------------------------------
 # main
@@ -1682,7 +1722,7 @@ def main(argv=None):
     try:
         cfg = parse_args(argv)
         if cfg.table:
-            print(results_table(cfg.table))
+            print(results_table(cfg.table, cfg.baseline, cfg.markdown))
         elif cfg.evaluate:
             evaluate_run(resolve(cfg, False))
         else:

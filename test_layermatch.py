@@ -173,6 +173,33 @@ def test_avg_clustering_loss_trains_features_only():
     assert f.grad[[1, 2, 4]].abs().sum() == 0 and f.grad[[0, 3]].abs().sum() > 0  # unmasked or unseen: no pull
 
 
+PASTED_ALONE = """
+cfg = resolve(Config(dataset="toy", labels=4), True)
+net = make_network(dataclasses.asdict(cfg), 4, (3, 16, 16))
+g = torch.Generator().manual_seed(0)
+toy = lambda n: torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
+batch = dict(x_l=toy(4), y=torch.arange(4), u=toy(8), y_u=torch.full((8,), -1), crop=None)
+centres, seen = torch.zeros(4, net.fc.in_features), torch.zeros(4, dtype=torch.bool)
+opt, before = torch.optim.SGD(net.parameters(), lr=0.03), net.fc.weight.detach().clone()
+loss, terms, centres, seen = layermatch_step(net, net.fc, batch, lambda x: x / 255 - 0.5, g, centres, seen, cfg)
+loss.backward()
+opt.step()
+"""
+
+
+def test_the_method_runs_pasted_alone():
+    """The head of the file, from the top to the end of layermatch_step in under 650 lines, executed by itself as a
+    module of its own (as coursework pastes it into a notebook), builds a network and trains a step on toy tensors."""
+    text = open(os.path.join(HERE, "layermatch.py")).read()
+    head = text[:text.index("def layermatch_step(")]
+    head += text[len(head):].split("\n# ----", 1)[0]  # to the section after the step
+    assert head.count("\n") < 650 and "def load_data(" not in head
+    pasted = types.ModuleType("pasted")
+    exec(compile(head + PASTED_ALONE, "pasted.py", "exec"), pasted.__dict__)
+    assert pasted.loss.isfinite() and set(pasted.terms) >= {"L_s", "L_u", "L_ac", "mask"}
+    assert pasted.seen.all() and not torch.equal(pasted.before, pasted.net.fc.weight)  # each class labeled; trained
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 
@@ -385,6 +412,7 @@ def test_every_op_is_per_image(op):
     assert not torch.equal(subset, x)
 
 
+@pytest.mark.slow
 def test_augmentation_is_fp32_under_autocast(tmp_path, monkeypatch):
     """A GPU run trains under bf16 autocast; its augmentation must still be the fp32 one that the tests check
     (inside autocast, affine_grid and the Sharpness convolution ran in bf16: ~20% of strong views differed).
@@ -629,6 +657,7 @@ def synthetic(n_train=200, n_test=50, classes=4, size=16, seed=0):
     return dict(train_x=tx, train_y=ty, test_x=vx, test_y=vy)
 
 
+@pytest.mark.slow
 def test_train_on_user_tensors(tmp_path):
     cfg = lm.Config(dataset="bands", labels=8, steps=12, eval_every=6, batch_size=4, uratio=2, out=str(tmp_path / "r"))
     summary = lm.train(cfg, data=synthetic())
@@ -642,6 +671,7 @@ def test_train_on_user_tensors(tmp_path):
     assert json.load(open(tmp_path / "r" / "config.json"))["grad_relu"] == "zero"
 
 
+@pytest.mark.slow
 def test_cli_smoke_run(tmp_path):
     r = run_cli("--dataset", "digits", "--labels", 20, "--steps", 8, "--eval-every", 4, "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr
@@ -670,6 +700,7 @@ def test_every_command_in_the_readme_parses():
             pytest.fail(f"README command 'layermatch.py{args}': {e}")
 
 
+@pytest.mark.slow
 def test_help_is_complete():
     r = run_cli("--help")
     assert r.returncode == 0
@@ -679,6 +710,7 @@ def test_help_is_complete():
     assert "--bench" not in r.stdout  # the benchmark is bench.py
 
 
+@pytest.mark.slow
 def test_offline_download_fails_with_one_line(tmp_path):
     dead = "http://127.0.0.1:9"  # nothing listens there: the download fails at once
     env = dict(os.environ, http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead)
@@ -690,6 +722,7 @@ def test_offline_download_fails_with_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "run")  # nothing left behind that would block the next attempt
 
 
+@pytest.mark.slow
 def test_layermatch_beats_supervised_on_digits(tmp_path):
     """20 labels (2 per class): pseudo-labels must clearly help within a short CPU run."""
     common = dict(dataset="digits", labels=20, steps=300, eval_every=50, ema=0.99)  # short run: shorter EMA
@@ -719,6 +752,7 @@ def states_equal(a, b):
         all(torch.equal(x, y) for x, y in zip(ta, tb))
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
     common = dict(dataset="digits", labels=20, batch_size=8, uratio=2, steps=24, eval_every=8)
     lm.train(lm.Config(**common, out=str(tmp_path / "straight")))
@@ -750,6 +784,7 @@ def run_config(job, **settings):
     return json.dumps(dataclasses.asdict(lm.resolve(lm.Config(**DIGITS | settings), False)) | dict(job=job))
 
 
+@pytest.mark.slow
 def test_a_start_before_the_first_checkpoint_and_resume_where_there_is_no_run_yet_start_it(tmp_path, monkeypatch,
                                                                                              capsys):
     """One command starts or continues: --resume on a folder that does not exist, or holds only a config.json of this
@@ -787,6 +822,7 @@ BERT = '{"model_type": "bert"}'  # another program's config.json
     ({"config.json": BERT, "weights.bin": "w"}, "it holds other files (weights.bin)"),
     ({"config.json": BERT}, "it holds other files (config.json)"),
 ], ids=["notes", "a model", "a config"])
+@pytest.mark.slow
 def test_resume_never_takes_over_a_folder_of_something_else(tmp_path, theirs, message):
     """--resume starts a run only where there is none yet: never in a folder of other files, nor in one whose
     config.json is not a run's; one line, and every byte as it was."""
@@ -800,6 +836,7 @@ def test_resume_never_takes_over_a_folder_of_something_else(tmp_path, theirs, me
     assert files(out) == {name: text.encode() for name, text in theirs.items()}
 
 
+@pytest.mark.slow
 def test_only_a_start_of_the_job_that_wrote_the_folder_continues_it(tmp_path, monkeypatch, capsys):
     """torchrun restarts the group for a node that joins (--nnodes MIN:MAX) without counting a restart, and a requeued
     Slurm job runs its command again: the job's id in config.json tells such a start from a new job's, so the command's
@@ -820,6 +857,7 @@ def test_only_a_start_of_the_job_that_wrote_the_folder_continues_it(tmp_path, mo
     assert [h["step"] for h in weights(out)["history"]] == [4] and not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_a_slurm_job_continues_its_run_only_when_requeued(tmp_path, monkeypatch, capsys):
     """Every launch of one Slurm allocation (salloc, an sbatch script of several commands) has the same job id; only a
     requeue raises SLURM_RESTART_COUNT. So a second launch applies its command, and a requeued one continues."""
@@ -842,6 +880,7 @@ def test_a_slurm_job_continues_its_run_only_when_requeued(tmp_path, monkeypatch,
     assert [h["step"] for h in weights(out)["history"]] == [2, 4] and json.load(open(out / "config.json"))["requeue"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launches", [("none", "none"), ("uuid-1", "uuid-2")], ids=["no --rdzv-id", "--standalone"])
 def test_a_requeued_slurm_job_continues_what_its_torchrun_wrote_before(tmp_path, monkeypatch, capsys, launches):
     """A requeue starts a new torchrun launch (another log folder, another --standalone id): the Slurm job and its
@@ -870,6 +909,7 @@ def test_the_static_rendezvous_job_is_its_launch_whatever_starts_the_workers(mon
     assert jobs == [f"launch {host}:{os.path.join('/tmp', 'logs', name)}" for name in ("none_ab12",) * 2 + ("none_cd34",)]
 
 
+@pytest.mark.slow
 def test_a_requeue_before_the_first_checkpoint_starts_again_beside_the_files_its_first_start_kept(tmp_path, monkeypatch,
                                                                                                   capsys):
     """A sweep's log.txt in the run folder, the job preempted before its first checkpoint: its requeue starts the run
@@ -888,6 +928,7 @@ def test_a_requeue_before_the_first_checkpoint_starts_again_beside_the_files_its
     assert json.load(open(out / "summary.json"))["finished"] and (out / "log.txt").read_text() == "the sweep's log\n"
 
 
+@pytest.mark.slow
 def test_a_refusal_is_never_a_deletion_at_any_attempt(tmp_path, monkeypatch):
     """Launched by mistake into a finished run whose checkpoint was deleted, or into another experiment's folder
     without a checkpoint: every attempt of the new job (torchrun restarts it, with the same id) is refused, and not
@@ -911,6 +952,7 @@ def test_a_refusal_is_never_a_deletion_at_any_attempt(tmp_path, monkeypatch):
         assert files(folder) == before
 
 
+@pytest.mark.slow
 def test_a_restart_after_an_early_death_applies_overwrite(tmp_path, monkeypatch, capsys):
     """--overwrite --lr 0.05 over an old run that has a checkpoint; attempt 0 dies loading (before the folder is
     prepared): the restart overwrites as the command says, it does not resume the old run."""
@@ -934,6 +976,7 @@ def test_a_restart_after_an_early_death_applies_overwrite(tmp_path, monkeypatch,
     assert json.load(open(out / "config.json"))["job"] == "new-job"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_also_every_ten_minutes(tmp_path, monkeypatch):
     """Decided at the loop's exchange every LOG_EVERY steps; here a clock that is 599 s further at every reading."""
     saved, save = [], lm.save_checkpoint
@@ -959,6 +1002,7 @@ def straight(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM twice"])
 def test_killed_run_resumes_to_the_same_weights(straight, tmp_path, sig):
     """SIGTERM is sent twice, 50 ms apart, as by Slurm and a launcher that passes it on: the second kills nothing."""
@@ -999,6 +1043,7 @@ def signal_at_step(monkeypatch, k, sig):
     monkeypatch.setattr(lm, "ECHO_SECONDS", 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2])
 def test_slurms_early_signals_save_and_stop_as_sigterm_does(tmp_path, monkeypatch, capsys, sig):
     """What Slurm sends before a time limit or preemption where a job asks (--signal=USR1@120: Lightning listens for
@@ -1010,6 +1055,7 @@ def test_slurms_early_signals_save_and_stop_as_sigterm_does(tmp_path, monkeypatc
     assert f"interrupted by {signal.Signals(sig).name}: checkpoint of step 5 saved" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_repeated_stop_signal_is_ignored_for_two_seconds_then_kills(monkeypatch):
     """Launchers pass a stop on to processes that got it already (torchrun, run_cifar.sh, Slurm signals every process):
     a repeat within ECHO_SECONDS changes nothing, also after the loop (the caller's handlers come back only once the
@@ -1039,6 +1085,7 @@ def test_a_repeated_stop_signal_is_ignored_for_two_seconds_then_kills(monkeypatc
     assert {sig: signal.getsignal(sig) for sig in lm.STOP_SIGNALS} == before
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert run_cli(*TINY, "--steps", 4, "--eval-every", 2, "--out", out, env=dict(os.environ, SLURM_JOB_ID="5")
@@ -1065,6 +1112,7 @@ class RunsCode:  # what a malicious checkpoint could carry: unpickling it calls 
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
     """Checkpoints load with weights_only=True: load(), --resume and --evaluate refuse one holding an object
     whose unpickling runs a command, in one line, and the command never runs."""
@@ -1084,6 +1132,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     real = lm.layermatch_loss
     calls = []
@@ -1146,12 +1195,14 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     assert e.value.code != 0 and message in text and "\n" not in text, text
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     r = run_cli(*TINY, "--steps", 2, "--threshold", 2, "--out", tmp_path / "run")
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert r.stderr.startswith("layermatch.py: error: --threshold must be in (0, 1]")
 
 
+@pytest.mark.slow
 def test_existing_output_folder_and_resume_mismatch(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert run_cli(*TINY, "--steps", 2, "--eval-every", 2, "--out", out).returncode == 0
@@ -1163,6 +1214,7 @@ def test_existing_output_folder_and_resume_mismatch(tmp_path, monkeypatch):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_bad_user_data_is_a_clear_error(tmp_path):
     data = synthetic()
     with pytest.raises(lm.UserError, match="train_x.*uint8"):
@@ -1265,6 +1317,7 @@ def test_a_resnet_at_32_and_96_px_is_split_like_the_wrn(size):
     assert not torch.allclose(grad(loss, stem.weight), grad(terms["L_s"], stem.weight))
 
 
+@pytest.mark.slow
 def test_a_resnet_trains_loads_and_predicts(tmp_path):
     data = synthetic(n_train=40, size=32)
     out = tmp_path / "r"
@@ -1276,6 +1329,7 @@ def test_a_resnet_trains_loads_and_predicts(tmp_path):
     assert (classes == data["test_y"]).sum().item() / len(classes) == summary["test_acc_final"]
 
 
+@pytest.mark.slow
 def test_pretrained_weights_from_a_file_and_the_ways_they_do_not_fit(tmp_path):
     """--pretrained FILE: a torchvision state dict, its head dropped; inputs normalised as ImageNet weights expect.
     A missing file, a file that is no state dict, another architecture's or another stem's weights: one line
@@ -1311,6 +1365,7 @@ def test_pretrained_weights_from_a_file_and_the_ways_they_do_not_fit(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_pretrained_imagenet_offline_is_one_line(monkeypatch):
     import urllib.error
     import torchvision.models
@@ -1340,6 +1395,7 @@ def test_optimizer_recipe(monkeypatch):
     assert lm.resolve(lm.Config(dataset="cifar100"), False).weight_decay == 1e-3
 
 
+@pytest.mark.slow
 def test_the_reported_accuracy_is_the_ema_models(tmp_path, monkeypatch):
     out, evaluated, real = tmp_path / "r", [], lm.evaluate
     monkeypatch.setattr(lm, "evaluate", lambda *a: evaluated.append(a[:2]) or real(*a))
@@ -1379,6 +1435,7 @@ def test_nearest_centre_accuracy_uses_the_live_features():
     assert lm.evaluate(ema, Net(-1.0), x, torch.zeros(4, dtype=torch.long), lambda v: v.float(), one_centre, seen)[1] == 1
 
 
+@pytest.mark.slow
 def test_logged_terms_per_algorithm(tmp_path):
     """metrics.csv: L_ac above 0 for layermatch, exactly 0 for fixmatch (which still logs pseudo-labels), and
     the nearest-centre accuracy for every algorithm, supervised included."""
@@ -1397,6 +1454,7 @@ def test_logged_terms_per_algorithm(tmp_path):
 # Accelerator paths on the CPU: the torch.where augmentation, fused SGD, autocast, GradScaler, compile
 
 
+@pytest.mark.slow
 def test_training_through_the_accelerator_paths_matches_the_cpu_paths(tmp_path, monkeypatch):
     """fp32 through the torch.where augmentation and fused SGD: the same images (bit-identical, tested above),
     so the same run up to the fused optimizer's rounding (it orders the Nesterov update differently; bit-identical
@@ -1412,6 +1470,7 @@ def test_training_through_the_accelerator_paths_matches_the_cpu_paths(tmp_path, 
     assert [h["test_acc"] for h in a["history"]] == [h["test_acc"] for h in b["history"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("grad_relu", ["zero", "relu"])
 def test_every_precision_trains_end_to_end(tmp_path, monkeypatch, precision, grad_relu):
@@ -1450,6 +1509,7 @@ def test_fused_sgd_momentum_survives_a_skipped_first_step():
     torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * 1.9))  # Nesterov: g + 0.9 * (0.9 * 0 + g)
 
 
+@pytest.mark.slow
 def test_compile_runs_on_the_cpu(tmp_path, monkeypatch):
     """--compile with bf16 autocast through the accelerator paths (about a minute on 2 cores)."""
     monkeypatch.setattr(lm, "_FORCE_ACCELERATOR_PATHS", True)
@@ -1504,6 +1564,7 @@ def test_precision_policy(monkeypatch, capability, expected):
     assert lm.pick_precision(torch.device("cpu")) == "fp32" and lm.pick_precision(torch.device("mps")) == "fp32"
 
 
+@pytest.mark.slow
 def test_resume_a_checkpoint_from_another_device_type(tmp_path):
     """A checkpoint written on a GPU holds a 16-byte CUDA generator state; the CPU's is 5056 bytes. The run
     continues (with a note), and the model, optimizer and step come back."""
@@ -1558,6 +1619,7 @@ def test_batches_hold_the_sampled_images_with_their_labels_wherever_they_are_kep
     assert all(torch.equal(batches[False][k], batches[True][k]) for k in batches[False] if k != "crop")
 
 
+@pytest.mark.slow
 def test_training_with_the_images_in_host_memory_is_the_same_run(tmp_path):
     """--data-on host: metrics.csv and the checkpoint bit-identical to --data-on device, with unlabeled images
     beside the training set, and a split run resumed on the host path is exact too."""
@@ -1584,6 +1646,7 @@ def test_data_placement_from_free_memory_figures():
         lm.data_placement("device", 20 * GB, 30 * GB, 40 * GB)
 
 
+@pytest.mark.slow
 def test_on_a_gpu_auto_places_the_images_by_the_free_memory(tmp_path, monkeypatch, capsys):
     """The GPU branch of train() on the CPU, with mocked free-memory figures: the estimate is measured (and leaves
     the network untouched), auto chooses and says why, --data-on device that cannot fit is one line, nothing
@@ -1662,6 +1725,7 @@ def ddp_stopped(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(ddp_run, ddp_stopped, tmp_path):
     spies = [json.load(open(ddp_run / f"{rank}.json")) for rank in (0, 1)]
     assert [s["evaluations"] for s in spies] == [3, 0]  # rank 0 alone evaluates
@@ -1696,6 +1760,7 @@ lm.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_torchrun_job_stopped_and_started_again_with_the_same_command_continues(ddp_run, tmp_path):
     """As a Slurm job with --requeue: SIGTERM at step 4 (to the agent and rank 0), the checkpoint of step 8 (the group's
     next exchange), then the same line again, --overwrite and --rdzv-id included: it continues the run, whose
@@ -1718,6 +1783,7 @@ def test_a_torchrun_job_stopped_and_started_again_with_the_same_command_continue
 ANOTHER_COUNT = "note: the checkpoint is from {} processes, this run has {}; augmentation and sampling continue"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_continues_on_another_process_count(ddp_stopped, tmp_path, capsys):
     """2 -> 1 and 1 -> 2 processes: the same global batch and schedule, new streams (said once), both finish and
     record the counts they had."""
@@ -1752,6 +1818,7 @@ with open(os.path.join({folder!r}, os.environ["RANK"] + ".json"), "w") as fh:
 """
 
 
+@pytest.mark.slow
 def test_the_clocks_checkpoint_is_taken_by_every_process(tmp_path):
     """--checkpoint-minutes under torchrun: rank 0's clock says when, the loop's exchange tells every rank, and all
     enter the checkpoint's collectives at the same step (16, as in one process), whatever their own clocks say."""
@@ -1762,6 +1829,7 @@ def test_the_clocks_checkpoint_is_taken_by_every_process(tmp_path):
     assert [json.load(open(tmp_path / f"{rank}.json")) for rank in (0, 1)] == [[16, 20], [16, 20]]
 
 
+@pytest.mark.slow
 def test_another_process_count_that_does_not_divide_the_batch_is_refused(ddp_stopped, tmp_path, monkeypatch):
     out = tmp_path / "run"
     shutil.copytree(ddp_stopped, out)
@@ -1772,6 +1840,7 @@ def test_another_process_count_that_does_not_divide_the_batch_is_refused(ddp_sto
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
+@pytest.mark.slow
 def test_nodes_without_a_shared_folder(ddp_run, tmp_path):
     """Two "nodes" on this machine, each in a folder of its own with --out run: node 0's rank reads and writes the
     run, and sends the checkpoint to node 1's, whose folder stays empty. Stopped at step 6 and resumed, the run is
@@ -1796,6 +1865,7 @@ def test_nodes_without_a_shared_folder(ddp_run, tmp_path):
     assert states_equal(ddp_run / "ddp" / "checkpoint.pt", tmp_path / "node0" / "run" / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_rank_0_cannot_read_stops_every_rank_in_one_line(ddp_stopped, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(ddp_stopped, out)
@@ -1812,6 +1882,7 @@ def test_a_checkpoint_rank_0_cannot_read_stops_every_rank_in_one_line(ddp_stoppe
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", [lm.UserError("no"), lm.Interrupted(signal.SIGTERM, 4, "run")])
 def test_main_ends_the_process_group_whatever_stops_it(error, monkeypatch):
     """Left to the interpreter's exit, the group's threads could abort it (SIGABRT) after the one-line message."""
@@ -1865,6 +1936,7 @@ lm.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_torchrun_restart_continues_the_run_exactly(ddp_run, tmp_path):
     """torchrun --max-restarts 1 on the static rendezvous without --rdzv-id (its run id is "none": rank 0's agent is
     the job); rank 1 SIGKILLed while rank 0 writes the checkpoint of the second evaluation. The survivor stops in one
@@ -1905,6 +1977,7 @@ lm.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_lost_node_and_the_other_goes_on_alone(tmp_path):
     """The README's elastic command on two c10d "nodes" of this machine, each started in a folder of its own with the
     same absolute --out. Node 1 (agent and worker) is SIGKILLed after the second evaluation: node 0's worker stops in
@@ -1949,6 +2022,7 @@ lm.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_torchrun_waits_for_a_slow_first_download(tmp_path):
     script = tmp_path / "slow.py"
     script.write_text(SLOW_DOWNLOAD.format(here=HERE))
@@ -1959,11 +2033,13 @@ def test_torchrun_waits_for_a_slow_first_download(tmp_path):
     assert json.load(open(tmp_path / "run" / "summary.json"))["world_sizes"] == [2]
 
 
+@pytest.mark.slow
 def test_torchrun_stops_every_rank_when_rank_0_cannot_load(tmp_path):
     r = torchrun("--dataset", "cifar10", "--data-dir", tmp_path / "nodata", "--steps", 2, out=tmp_path / "run")
     assert r.returncode != 0 and "rank 0 failed: could not load cifar10" in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_batch_must_split_over_processes(tmp_path):
     r = torchrun("--batch-size", 7, "--steps", 2, out=tmp_path / "odd")
     assert r.returncode != 0 and "must divide by the 2 processes" in r.stderr
@@ -1977,6 +2053,7 @@ def torchrun_worker(monkeypatch, **env):
         monkeypatch.setenv(k, str(v))
 
 
+@pytest.mark.slow
 def test_restarts_on_several_nodes_need_a_store_per_round(tmp_path, monkeypatch):
     torchrun_worker(monkeypatch, LOCAL_WORLD_SIZE=1)  # one process per node: the agents count restarts apart
     with pytest.raises(lm.UserError, match="needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment"):
@@ -1984,6 +2061,7 @@ def test_restarts_on_several_nodes_need_a_store_per_round(tmp_path, monkeypatch)
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_nccl_joins_through_the_agents_store_under_this_restarts_prefix(monkeypatch):
     """No GPU here: setup_processes on a CUDA device with NCCL's init replaced by a recorder. NCCL gets the agent's
     store under this restart's prefix (a new group never reads a dead one's keys), and a gloo group for host work."""
@@ -2005,6 +2083,7 @@ def test_nccl_joins_through_the_agents_store_under_this_restarts_prefix(monkeypa
 # Benchmark
 
 
+@pytest.mark.slow
 def test_bench_prints_consistent_ratios():
     args = ["--dataset", "digits", "--batch-size", "8", "--uratio", "2", "--device", "cpu"]
     r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *args], capture_output=True, text=True,
@@ -2048,6 +2127,7 @@ def image_folder(root, classes=("cat", "dog", "eel"), per_class=6, unlabeled=5):
     return root
 
 
+@pytest.mark.slow
 def test_folder_of_pngs_loads_as_uint8_tensors(tmp_path):
     root = image_folder(tmp_path / "pets")
     d = lm.load_folder(str(root), 8, "")
@@ -2064,6 +2144,7 @@ def test_folder_of_pngs_loads_as_uint8_tensors(tmp_path):
     assert d["unlabeled_x"][-1, :, 0, 0].tolist() == [200, 10, 10]  # sorted paths: colour.png last
 
 
+@pytest.mark.slow
 def test_folder_images_keep_their_aspect_ratio_and_val_stands_for_test(tmp_path):
     """--image-size S: shorter side to S, centre crop S x S (a wide image loses its outer parts, it is not
     squashed); ImageNet's val/ is read where test/ is missing."""
@@ -2078,6 +2159,7 @@ def test_folder_images_keep_their_aspect_ratio_and_val_stands_for_test(tmp_path)
     assert torch.equal(lm.load_folder(str(root), 8, "")["test_x"], d["test_x"])
 
 
+@pytest.mark.slow
 def test_downloaded_datasets_come_from_torchvisions_class_of_their_name_in_our_layout(tmp_path, monkeypatch):
     """No download here: stand-ins of the classes with torchvision's attributes (CIFAR: NHWC data, targets; SVHN and
     STL10: NCHW data, labels), each split with its own images."""
@@ -2103,6 +2185,7 @@ def test_downloaded_datasets_come_from_torchvisions_class_of_their_name_in_our_l
         assert d["unlabeled_x"] is None if dataset != "stl10" else d["unlabeled_x"].shape == (5, 3, 8, 8)
 
 
+@pytest.mark.slow
 def test_imagenet100_is_the_100_listed_classes_of_an_imagenet_folder_fed_as_torchssl(tmp_path):
     """ImageNet's layout (train/<wnid>/, val/<wnid>/) restricted to CMC's 100 classes, TorchSSL's ImageNet recipe:
     training images squashed to int(S / 0.875) (256 for 224) for random S crops, test images squashed to S, ImageNet's
@@ -2130,6 +2213,7 @@ def test_imagenet100_is_the_100_listed_classes_of_an_imagenet_folder_fed_as_torc
         lm.load_data(cfg)
 
 
+@pytest.mark.slow
 def test_usb_augmentation_trains_digits_end_to_end(tmp_path, monkeypatch):
     recipes, real = [], lm.strong_augment
     monkeypatch.setattr(lm, "strong_augment", lambda x, gen, augment: recipes.append(augment) or real(x, gen, augment))
@@ -2139,6 +2223,7 @@ def test_usb_augmentation_trains_digits_end_to_end(tmp_path, monkeypatch):
     assert weights(tmp_path / "r")["history"][-1]["L_u"] > 0
 
 
+@pytest.mark.slow
 def test_folder_dataset_from_the_shell_then_evaluate_and_predict(tmp_path):
     root = image_folder(tmp_path / "pets")
     out = tmp_path / "run"
@@ -2191,6 +2276,7 @@ def count_decodes(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_the_cache_holds_what_pil_reads_and_only_the_first_run_decodes(tmp_path, monkeypatch, capsys):
     paths = photo_folder(tmp_path / "photos")
     before = sorted(os.listdir(tmp_path / "photos"))
@@ -2229,6 +2315,7 @@ def test_the_cache_holds_what_pil_reads_and_only_the_first_run_decodes(tmp_path,
     assert torch.equal(custom["test_x"], torch.stack([pil_read(p, 16) for p in order[8:]]))
 
 
+@pytest.mark.slow
 def test_a_bad_image_stops_the_decoding_at_once(tmp_path, monkeypatch):
     """The decoding processes' tasks after a bad image's are cancelled: only those already handed to the processes
     run (one in each and one queued for each, and one more: (2 processes + 1) * CHUNK images), of twice that many.
@@ -2273,6 +2360,7 @@ lm.load_folder(sys.argv[1], 12, "")
 """
 
 
+@pytest.mark.slow
 def test_a_cache_killed_while_being_written_is_never_read(tmp_path, monkeypatch):
     paths = photo_folder(tmp_path / "photos")
     r = subprocess.run([sys.executable, "-c", KILLED_WHILE_CACHING, str(tmp_path / "photos")], cwd=HERE,
@@ -2303,6 +2391,7 @@ lm.load_folder(sys.argv[1], 8, "")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux" or lm.usable_cpus() < 2, reason="Linux, and decoding processes")
 def test_a_run_killed_while_decoding_leaves_no_process_holding_its_locks(tmp_path):
     """The decoding processes hold the run's lock files (the cache's, run_cifar.sh's claim): they end with the run, so
@@ -2330,6 +2419,7 @@ lm.main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_on_a_fresh_cache_decode_the_folder_once(tmp_path):
     root = image_folder(tmp_path / "pets")
     script = tmp_path / "slow.py"
@@ -2348,6 +2438,7 @@ def test_two_runs_started_together_on_a_fresh_cache_decode_the_folder_once(tmp_p
     assert all(json.load(open(tmp_path / f"s{seed}" / "summary.json"))["finished"] for seed in (0, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0)], ids=["plain first", "squashed first"])
 def test_caches_of_other_pipelines_and_class_subsets_of_one_folder_live_side_by_side(tmp_path, monkeypatch, capsys,
                                                                                        order):
@@ -2375,6 +2466,7 @@ def test_caches_of_other_pipelines_and_class_subsets_of_one_folder_live_side_by_
     assert all(os.path.exists(u8) for u8 in made)
 
 
+@pytest.mark.slow
 def test_a_node_with_its_own_copy_of_the_folder_deletes_no_cache(tmp_path, monkeypatch, capsys):
     """Nodes that copy the data to their local disks (cp -r: new dates) and share the cache folder (a network home)
     build a cache each: a start as another host, on other dates, deletes none of the first one's files."""
@@ -2392,6 +2484,7 @@ def test_a_node_with_its_own_copy_of_the_folder_deletes_no_cache(tmp_path, monke
     assert all(torch.equal(first[k], other[k]) for k in ("train_x", "test_x"))
 
 
+@pytest.mark.slow
 def test_two_threads_of_one_process_decode_a_folder_once(tmp_path, monkeypatch):
     """The lock keeps out this process's other threads too (a POSIX lock would not: the second thread's cleaning then
     deleted the first one's file): the second waits, then maps the first one's cache."""
@@ -2424,6 +2517,7 @@ def no_lock_but_both_write_at_once(monkeypatch, locked, hosts):
     monkeypatch.setattr(lm, "decode_into", lambda *a: barrier.wait() and None or decode(*a))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("locked,hosts", [(False, False), (True, True)], ids=["no lock", "a lock per node"])
 def test_two_writers_at_once_without_a_lock_both_leave_a_right_cache(tmp_path, monkeypatch, locked, hosts):
     """Both decide to write before either publishes; node1 publishes after node0 has published its cache, which runs
@@ -2461,6 +2555,7 @@ def test_two_writers_at_once_without_a_lock_both_leave_a_right_cache(tmp_path, m
     assert {name: os.stat(name).st_ino for name in first} == first and len(first) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("error", [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP])
 def test_a_filesystem_without_locks_is_a_note_and_the_cache_is_built(tmp_path, monkeypatch, capsys, error):
     import fcntl
@@ -2473,6 +2568,7 @@ def test_a_filesystem_without_locks_is_a_note_and_the_cache_is_built(tmp_path, m
     assert [line.startswith("note: no lock on") and os.strerror(error) in line for line in notes].count(True) == 2
 
 
+@pytest.mark.slow
 def test_decoding_processes_are_the_cpus_this_process_may_use(tmp_path, monkeypatch):
     paths = photo_folder(tmp_path / "photos")[:4] * 25  # 100 images: 4 tasks of 32 at most
     started, real = [], lm.ProcessPoolExecutor
@@ -2484,6 +2580,7 @@ def test_decoding_processes_are_the_cpus_this_process_may_use(tmp_path, monkeypa
         assert torch.equal(lm.read_images(paths, 8), right) and started == processes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("breaks", ["a file in the way", "a full disk"])
 def test_a_cache_that_cannot_be_written_is_one_line_and_removes_no_other_cache(tmp_path, monkeypatch, breaks):
     root = str(image_folder(tmp_path / "pets"))
@@ -2518,6 +2615,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, mean.tolist()
 """
 
 
+@pytest.mark.slow
 def test_channel_statistics_are_exact_in_bounded_memory():
     x = images(50, 3, 7, seed=3)
     mean, std = lm.channel_mean_std(x, values=300)  # chunks of 2 images
@@ -2535,6 +2633,7 @@ def test_channel_statistics_are_exact_in_bounded_memory():
     assert all(abs(m - 127.5) < 0.1 for m in mean) and all(abs(s - 73.9) < 0.1 for s in std)  # uniform 0..255
 
 
+@pytest.mark.slow
 def test_the_unlabeled_pool_of_a_folder_is_a_view_of_its_cache(tmp_path):
     d = lm.load_folder(str(image_folder(tmp_path / "pets")), 8, "")
     cfg = lm.resolve(lm.Config(dataset="folder", labels=6, out="unused"), False)
@@ -2551,6 +2650,7 @@ def test_the_unlabeled_pool_of_a_folder_is_a_view_of_its_cache(tmp_path):
     assert torch.equal(gray, pool[:, :1]) and same_memory(gray, pool)
 
 
+@pytest.mark.slow
 def test_a_flat_test_folder_beside_val_class_folders_tests_on_val(tmp_path, capsys):
     """ImageNet as commonly shipped: train/<wnid>/, val/<wnid>/, and test/ with unlabeled images and no classes."""
     root = image_folder(tmp_path / "pets", unlabeled=0)
@@ -2561,6 +2661,7 @@ def test_a_flat_test_folder_beside_val_class_folders_tests_on_val(tmp_path, caps
     assert f"'{root}/test' holds no class folders" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_any_spelling_of_a_folder_finds_its_cache(tmp_path, monkeypatch):
     root = image_folder(tmp_path / "pets")
     os.symlink(root, tmp_path / "link")
@@ -2571,6 +2672,7 @@ def test_any_spelling_of_a_folder_finds_its_cache(tmp_path, monkeypatch):
     assert len(glob.glob(str(tmp_path / "cache" / "layermatch" / "*.u8"))) == 2  # train and test
 
 
+@pytest.mark.slow
 def test_a_resumed_run_must_have_the_same_network_and_images(tmp_path):
     """--arch, --image-size, --pretrained and the WideResNet's shape change what the checkpoint means: one line
     naming the difference, and the run's files as they were."""
@@ -2596,6 +2698,7 @@ def test_a_resumed_run_must_have_the_same_network_and_images(tmp_path):
         lm.train(dataclasses.replace(cfg, pretrained="", resume=True), data=synthetic(n_train=40, size=16))
 
 
+@pytest.mark.slow
 def test_grayscale_images_start_from_rgb_weights_as_three_equal_channels(tmp_path):
     torch.manual_seed(0)
     torch.save(lm.make_network(dict(arch="resnet18"), 4, (3, 16, 16)).features.state_dict(), tmp_path / "w.pt")
@@ -2652,6 +2755,7 @@ def bomb_png(path):
     path.write_bytes(png)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("breaks,message", BAD_FOLDERS)
 def test_bad_folders_are_one_line_naming_the_path(tmp_path, breaks, message):
     root = image_folder(tmp_path / "pets")
@@ -2695,6 +2799,7 @@ BAD_DATA = [  # every way user tensors can be wrong that we thought of; each is 
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("breaks,message", BAD_DATA)
 def test_every_kind_of_bad_user_data_is_one_line_before_any_work(tmp_path, breaks, message):
     cfg = lm.Config(dataset="bands", labels=8, steps=2, batch_size=4, uratio=2, out=str(tmp_path / "run"))
@@ -2704,6 +2809,7 @@ def test_every_kind_of_bad_user_data_is_one_line_before_any_work(tmp_path, break
     assert not os.path.exists(tmp_path / "run")  # no folder left behind that would block the corrected run
 
 
+@pytest.mark.slow
 def test_one_and_three_channel_user_data_train(tmp_path):
     data = synthetic(n_train=40, n_test=8)
     gray = dict(data, train_x=data["train_x"][:, :1], test_x=data["test_x"][:, :1])
@@ -2728,6 +2834,7 @@ class FakeWriter:
         self.closed = True
 
 
+@pytest.mark.slow
 def test_tensorboard_curves_continue_on_resume_without_duplicates(tmp_path, monkeypatch):
     monkeypatch.setattr(lm, "tensorboard_writer", lambda: FakeWriter)
     FakeWriter.runs = []
@@ -2749,6 +2856,7 @@ def test_tensorboard_curves_continue_on_resume_without_duplicates(tmp_path, monk
     assert abs((6 * rows[16] + 4 * rows[20]) / 10 - history[1]["loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_read_back(tmp_path):
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     cfg = lm.Config(**SHORT, steps=30, eval_every=10, tensorboard=True, out=str(tmp_path / "r"))
@@ -2762,6 +2870,7 @@ def test_tensorboard_event_files_read_back(tmp_path):
     assert [e.step for e in events.Scalars("train/L_ac")] == [10, 16, 20, 30]
 
 
+@pytest.mark.slow
 def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     with pytest.raises(SystemExit) as e:
@@ -2769,6 +2878,7 @@ def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch):
     assert "pip install tensorboard" in str(e.value.code) and not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_load_predict_and_evaluate_a_digits_run(tmp_path, capsys):
     out = str(tmp_path / "r")
     lm.train(lm.Config(**dict(SHORT, threshold=None), algorithm="supervised", steps=20, eval_every=10, out=out))
@@ -2791,14 +2901,25 @@ def test_load_predict_and_evaluate_a_digits_run(tmp_path, capsys):
     assert "no checkpoint.pt" in str(e.value.code)
 
 
-def fake_run(root, dataset, labels, algorithm, seed, median, best, **settings):
+def fake_run(root, dataset, labels, algorithm, seed, median, best, centre=None, **settings):
     cfg = lm.resolve(lm.Config(dataset=dataset, labels=labels, algorithm=algorithm, seed=seed, **settings), False)
     out = root / f"{dataset}@{labels}-{algorithm}-s{seed}{'-' + '-'.join(settings) if settings else ''}"
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg) | dict(job="5", requeue=0)))  # not settings
     if median is not None:
-        (out / "summary.json").write_text(json.dumps(dict(finished=True, steps=1, test_acc_median_last20=median,
-                                                          test_acc_best=best, test_acc_final=median)))
+        (out / "summary.json").write_text(json.dumps(dict(
+            finished=True, steps=1, test_acc_median_last20=median, test_acc_best=best, test_acc_final=median) |
+            ({} if centre is None else dict(centre_acc_median_last20=centre))))
+
+
+def table_rows(text):
+    """--table's rows, {(data, algorithm): [cells]}, and the lines after the table."""
+    lines = text.splitlines()
+    assert lines[2].startswith("| data ") and set(lines[3]) == {"|", "-"}
+    body = [line for line in lines[4:] if line.startswith("|")]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[1:-1]] for line in body}
+    header = [c.strip() for c in lines[2].split("|")[1:-1]]
+    return header, rows, lines[4 + len(body):]
 
 
 def test_results_table_from_fake_summaries(tmp_path, capsys):
@@ -2809,15 +2930,17 @@ def test_results_table_from_fake_summaries(tmp_path, capsys):
     fake_run(tmp_path, "cifar10", 250, "fixmatch", 0, 0.85, 0.86)
     fake_run(tmp_path / "more", "cifar100", 400, "layermatch", 0, 0.50, 0.55, grad_relu="relu")  # another variant
     lm.main(["--table", str(tmp_path)])
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("test accuracy %, over n seeds: mean ± std [min–max] of the median of the last 20")
-    header, rows = lines[1].split(" | "), {line.split(" | ")[0].strip(): line.split(" | ") for line in lines[3:]}
-    assert [h.strip() for h in header] == ["", "cifar10@40", "cifar10@250", "cifar100@400"]
-    assert rows["layermatch"][1].strip() == "92.00 ± 2.00 [90.00–94.00] (best 95.00) n=3"
-    assert rows["fixmatch"][1].strip() == "80.00 (best 81.00) n=1"
-    assert rows["fixmatch"][2].strip() == "85.00 (best 86.00) n=1"
-    assert rows["layermatch"][3].strip() == "-" and rows["layermatch grad_relu=relu"][3].strip() == "50.00 (best 55.00) n=1"
-    assert len(rows) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("Test accuracy %, each seed's median of its last 20 evaluations")
+    header, rows, after = table_rows(out)
+    assert header == ["data", "algorithm", "n", "mean ± sd", "min–max", "best", "− fixmatch, paired", "centre − head"]
+    assert list(rows) == [("cifar10@40", "layermatch"), ("cifar10@40", "fixmatch"), ("cifar10@250", "fixmatch"),
+                          ("cifar100@400", "layermatch grad_relu=relu")]  # by data, then in the algorithms' order
+    # layermatch: seeds 0-2; fixmatch has seed 0 only, so the paired difference is seed 0's and says so
+    assert rows["cifar10@40", "layermatch"][2:] == ["3", "92.00 ± 2.00", "90.00–94.00", "95.00",
+                                                    "+10.00 (1 common seeds)", "-"]  # no centre_acc in these files
+    assert rows["cifar10@40", "fixmatch"][2:] == ["1", "80.00", "80.00–80.00", "81.00", "baseline", "-"]
+    assert rows["cifar100@400", "layermatch grad_relu=relu"][6] == "-" and after == []  # no fixmatch to pair with
     (tmp_path / "cifar10@40-fixmatch-s0" / "summary.json").write_text('{"test_acc_med')  # cut off mid-write
     with pytest.raises(SystemExit) as e:
         lm.main(["--table", str(tmp_path)])
@@ -2832,6 +2955,43 @@ def test_results_table_from_fake_summaries(tmp_path, capsys):
         assert corrupt.format(name) in str(e.value.code) and "\n" not in str(e.value.code)
 
 
+def test_students_t_quantiles():
+    tables = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 10: 2.2281, 29: 2.0452, 30: 2.0423, 120: 1.9799}
+    assert all(abs(lm.t95(df) - t) < 5e-5 for df, t in tables.items())  # the two-sided 95% t-table
+
+
+def test_paired_columns_are_seed_by_seed_differences_with_their_t_interval(tmp_path, capsys):
+    """Per seed: fixmatch, layermatch and their nearest-centre accuracies; gradrelu misses seed 3, avgclustering
+    has seed 9 that fixmatch has not. Every figure of the paired columns is recomputed here from the seeds."""
+    fix, lay = [0.80, 0.76, 0.85, 0.77], [0.84, 0.72, 0.85, 0.67]
+    for seed in range(4):
+        fake_run(tmp_path, "digits", 10, "fixmatch", seed, fix[seed], fix[seed] + 0.01, centre=fix[seed] + 0.01)
+        fake_run(tmp_path, "digits", 10, "layermatch", seed, lay[seed], lay[seed], centre=lay[seed] - 0.002 * seed)
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, "digits", 10, "gradrelu", seed, fix[seed] + 0.01 * seed, 0.9)
+    fake_run(tmp_path, "digits", 10, "avgclustering", 9, 0.5, 0.5)
+    lm.main(["--table", str(tmp_path), "--markdown"])
+    header, rows, after = table_rows(capsys.readouterr().out)
+    assert header[2:7] == ["seed 0", "seed 1", "seed 2", "seed 3", "seed 9"]  # --markdown: each seed's figure
+    d = [100 * (a - b) for a, b in zip(lay, fix)]  # layermatch - fixmatch, per seed
+    m, sd = statistics.mean(d), statistics.stdev(d)
+    half = 3.182446 * sd / 2  # t(0.975, 3 degrees of freedom) sd / sqrt(4)
+    layermatch = rows["digits@10", "layermatch"]
+    assert layermatch[2:7] == ["84.00", "72.00", "85.00", "67.00", "-"] and layermatch[7] == "4"
+    assert layermatch[11] == f"{m:+.2f} ± {sd:.2f} [{m - half:+.2f}, {m + half:+.2f}]" == "-2.50 ± 5.97 [-12.00, +7.00]"
+    assert layermatch[12] == "-0.30 ± 0.26 [-0.71, +0.11]"  # centre - head: 0, -0.2, -0.4, -0.6
+    assert rows["digits@10", "fixmatch"][11:] == ["baseline", "+1.00 ± 0.00 [+1.00, +1.00]"]
+    assert rows["digits@10", "gradrelu"][11:] == ["+1.00 ± 1.00 [-1.48, +3.48] (3 common seeds)", "-"]  # 0, 1, 2
+    assert rows["digits@10", "avgclustering"][11] == "-" and after == []  # no seed in common
+    lm.main(["--table", str(tmp_path), "--baseline", "gradrelu"])
+    _, rows, after = table_rows(capsys.readouterr().out)
+    assert rows["digits@10", "fixmatch"][6] == "-1.00 ± 1.00 [-3.48, +1.48] (3 common seeds)" and after == []
+    lm.main(["--table", str(tmp_path), "--baseline", "supervised"])
+    _, rows, after = table_rows(capsys.readouterr().out)
+    assert {r[6] for r in rows.values()} == {"-"}
+    assert after == ["note: no row is supervised (--baseline ROW, one of: avgclustering, fixmatch, gradrelu, layermatch)"]
+
+
 def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
     """Two image folders are two experiments, not two seeds; two runs with one seed are one seed, flagged."""
     fake_run(tmp_path / "a", "folder", 4, "layermatch", 0, 0.60, 0.70, data_dir="/data/photos/flowers")
@@ -2840,13 +3000,14 @@ def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
     fake_run(tmp_path / "d", "digits", 20, "layermatch", 0, 0.94, 0.95)  # the same experiment and seed again
     fake_run(tmp_path / "e", "digits", 20, "layermatch", 1, 0.96, 0.97)
     lm.main(["--table", str(tmp_path)])
-    lines = capsys.readouterr().out.splitlines()
-    header, row = [h.strip() for h in lines[1].split(" | ")], [c.strip() for c in lines[3].split(" | ")]
-    assert header == ["", "digits@20", "folder:photos/flowers@4", "folder:scans/flowers@4"]
-    assert row == ["layermatch", "94.00 ± 2.83 [92.00–96.00] (best 95.00) n=2", "60.00 (best 70.00) n=1",
-                   "80.00 (best 90.00) n=1"]  # seed 0 of digits: the mean of its two runs, 92
-    assert len(lines) == 5 and lines[4].startswith("note: runs with the same seed count as one seed, averaged: "
-                                                   "layermatch digits@20 seed 0: 2 runs (c/digits@20-layermatch-s0")
+    _, rows, after = table_rows(capsys.readouterr().out)
+    assert [(data, row[2:6]) for (data, _), row in rows.items()] == [
+        ("digits@20", ["2", "94.00 ± 2.83", "92.00–96.00", "95.00"]),  # seed 0 of digits: the mean of its two runs, 92
+        ("folder:photos/flowers@4", ["1", "60.00", "60.00–60.00", "70.00"]),
+        ("folder:scans/flowers@4", ["1", "80.00", "80.00–80.00", "90.00"])]
+    assert after[0].startswith("note: runs with the same seed count as one seed, averaged: "
+                               "layermatch digits@20 seed 0: 2 runs (c/digits@20-layermatch-s0")
+    assert after[1].startswith("note: no row is fixmatch") and len(after) == 2
 
 
 STAND_IN = """#!/bin/sh
@@ -2888,6 +3049,7 @@ def sweep(tmp_path, python=FAKE_PYTHON, gpus=0, cores=2):
     return run
 
 
+@pytest.mark.slow
 def test_run_cifar_skips_finished_resumes_interrupted_and_starts_the_rest(tmp_path):
     run = sweep(tmp_path)
     for name, files in (("cifar10@40-layermatch-s0", ["config.json", "checkpoint.pt", "summary.json"]),
@@ -2916,6 +3078,7 @@ def test_run_cifar_skips_finished_resumes_interrupted_and_starts_the_rest(tmp_pa
          ("cifar100", 10000)) if (d, n, a) != ("cifar10", 40, "layermatch"))
 
 
+@pytest.mark.slow
 def test_run_cifar_sweeps_the_ablations_on_digits_two_at_a_time(tmp_path):
     """The issue's command, trained for real: 6 runs with RUNS=, JOBS=2 and the extra arguments, then all skipped."""
     run = sweep(tmp_path, python=None)
@@ -2930,10 +3093,17 @@ def test_run_cifar_sweeps_the_ablations_on_digits_two_at_a_time(tmp_path):
         assert (cfg["steps"], cfg["eval_every"], cfg["device"]) == (4, 2, "cpu")
         assert (cfg["grad_relu"], cfg["lambda_ac"]) == {"layermatch": ("zero", 1), "gradrelu": ("zero", 0),
                                                         "avgclustering": ("off", 1)}[cfg["algorithm"]]
-    table = r.stdout.split("(mean of the best)\n")[1].splitlines()
-    assert table[0].split("|")[1].strip() == "digits@10"
-    assert sorted(line.split()[0] for line in table[2:]) == ["avgclustering", "gradrelu", "layermatch"]
-    assert all(line.endswith("n=2") for line in table[2:])
+    _, rows, after = table_rows(r.stdout[r.stdout.index("Test accuracy %"):])
+    assert list(rows) == [("digits@10", a) for a in ("layermatch", "gradrelu", "avgclustering")]
+    assert all(row[2] == "2" for row in rows.values()) and after == ["note: no row is fixmatch (--baseline ROW, one of: "
+                                                                     "avgclustering, gradrelu, layermatch)"]
+    # the paired column from the summary.json files: gradrelu - layermatch, per seed
+    median = lambda a, s: 100 * json.loads((tmp_path / f"runs/digits@10-{a}-s{s}/summary.json").read_text())[
+        "test_acc_median_last20"]
+    d = [median("gradrelu", s) - median("layermatch", s) for s in (0, 1)]
+    table = subprocess.run([sys.executable, "layermatch.py", "--table", "runs", "--baseline", "layermatch"],
+                           cwd=tmp_path, capture_output=True, text=True).stdout
+    assert table_rows(table)[1]["digits@10", "gradrelu"][6] == f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f}"
     again = run("--steps", "4", "--eval-every", "2", "--device", "cpu", **env)
     assert again.returncode == 0 and "started" not in again.stdout
     assert all(f"finished, skipped: {out}" in again.stdout for out in outs)
@@ -2952,6 +3122,7 @@ echo "end $out" >> "$log"; echo '{{}}' > "$out/summary.json"
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpus, visible, expect", [(0, None, ["none 1", "none 1"]), (2, None, ["0 4", "1 4"]),
                                                    (2, "3,5", ["3 4", "5 4"]), (1, None, ["0 4", "0 4"])])
 def test_run_cifar_jobs_run_at_once_on_a_gpu_or_share_of_the_cores_each(tmp_path, gpus, visible, expect):
@@ -2967,6 +3138,7 @@ def test_run_cifar_jobs_run_at_once_on_a_gpu_or_share_of_the_cores_each(tmp_path
         assert f"finished: {out}" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whom", ["script", "group"])  # kill(script) or, as Ctrl-C in a terminal, its process group
 def test_run_cifar_interrupted_stops_every_job_after_it_saved(tmp_path, whom):
     run, log = sweep(tmp_path, PARALLEL_PYTHON), tmp_path / "bin" / "calls.log"
@@ -2997,6 +3169,7 @@ def test_run_cifar_interrupted_stops_every_job_after_it_saved(tmp_path, whom):
     (dict(AUGMENT="bogus"), "unknown AUGMENT 'bogus' (choose from fixmatch usb)"),
     (dict(AUGMENT="usb *"), "unknown AUGMENT 'usb *' (choose from fixmatch usb)"),
     (dict(AUGMENT="fixmatch usb"), "unknown AUGMENT 'fixmatch usb' (choose from fixmatch usb)")])
+@pytest.mark.slow
 def test_run_cifar_refuses_a_bad_grid_before_any_run(tmp_path, env, message):
     r = sweep(tmp_path)("--device", "cpu", **env)
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("run_cifar.sh: error: " +
@@ -3004,6 +3177,7 @@ def test_run_cifar_refuses_a_bad_grid_before_any_run(tmp_path, env, message):
     assert not (tmp_path / "bin" / "calls.log").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_run_cifar_trains_a_run_named_twice_once_and_downloads_what_is_not_finished_first(tmp_path):
     run, log = sweep(tmp_path), tmp_path / "bin" / "calls.log"
     grid = dict(RUNS="digits@10 cifar10@40 digits@10 cifar100@400 cifar10@40", SEEDS="0 00", JOBS="2")
@@ -3021,6 +3195,7 @@ def test_run_cifar_trains_a_run_named_twice_once_and_downloads_what_is_not_finis
     assert r.returncode == 2 and r.stderr.endswith(f"1 of 3 runs did not finish: {outs[0]}\n"), r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("whom", ["script", "group"])  # kill(script), or its process group (Slurm, a terminal)
 def test_run_cifar_interrupted_while_downloading_stops_the_download(tmp_path, whom):
     run, pid = sweep(tmp_path), tmp_path / "download.pid"
@@ -3038,6 +3213,7 @@ def test_run_cifar_interrupted_while_downloading_stops_the_download(tmp_path, wh
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_run_cifar_skips_a_run_that_another_sweep_trains(tmp_path):
     """Two sweeps over one grid: a run whose sweep.lock another sweep's run holds is skipped, then trained."""
     import fcntl
@@ -3056,6 +3232,7 @@ def test_run_cifar_skips_a_run_that_another_sweep_trains(tmp_path):
     assert log.read_text().splitlines()[0].endswith("--out runs/digits@10-layermatch-s0 --resume")  # decided under the lock
 
 
+@pytest.mark.slow
 def test_run_cifar_a_claim_it_cannot_take_is_a_note_and_the_run_goes_on(tmp_path):
     """A lock file that cannot be opened (here a folder of that name; also a folder not writable) is one note, not
     a traceback: the run starts unclaimed, and says itself what is wrong with its folder."""
@@ -3072,6 +3249,7 @@ while [ ! -f "$(dirname "$0")/release" ]; do sleep 0.05; done  # training
 """
 
 
+@pytest.mark.slow
 def test_run_cifar_a_run_stays_claimed_while_it_trains(tmp_path):
     """The run's own process holds the claim (sweep.lock, kept across the launcher's exec): a second sweep over the
     grid skips the run while it trains."""
@@ -3101,6 +3279,7 @@ exec {python} "$@"
 """
 
 
+@pytest.mark.slow
 def test_run_cifar_goes_on_after_a_run_that_was_killed(tmp_path):
     """Only a signal to the sweep stops it: a run killed by the system (137) failed, and the next one runs."""
     run = sweep(tmp_path, KILLED_SEED_0)
@@ -3112,6 +3291,7 @@ def test_run_cifar_goes_on_after_a_run_that_was_killed(tmp_path):
     assert json.load(open(tmp_path / "runs" / "digits@10-supervised-s1" / "summary.json"))["finished"]
 
 
+@pytest.mark.slow
 def test_run_cifar_says_what_did_not_finish_when_nothing_did(tmp_path):
     r = sweep(tmp_path, python=None)("--lr", "-1", RUNS="digits@10", SEEDS="0", ALGORITHMS="supervised")
     assert "failed (exit 1): runs/digits@10-supervised-s0" in r.stdout and "--lr must be positive" in r.stderr
@@ -3123,6 +3303,7 @@ def strict_json(text):
     return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_left_as_it_was(tmp_path, capsys):
     """--resume on a finished run prints its result and changes no file; summary.json is strict JSON even for a
     run that timed no step; metrics.csv ends its lines with \\n."""
@@ -3146,6 +3327,7 @@ def test_a_finished_run_is_left_as_it_was(tmp_path, capsys):
             lm.main(list(map(str, args + ["--resume"])))
 
 
+@pytest.mark.slow
 def test_a_stop_signal_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
     """Once the last step's checkpoint is on disk the run is complete: it writes its summary and returns, not
     'interrupted' with a run that --table and run_cifar.sh would count as unfinished."""
@@ -3154,6 +3336,7 @@ def test_a_stop_signal_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatc
     assert summary["finished"] and json.load(open(tmp_path / "run" / "summary.json"))["steps"] == 4
 
 
+@pytest.mark.slow
 def test_the_projection_comes_after_the_first_timed_steps(tmp_path, monkeypatch):
     """On a loaded machine the first log (16 steps) can be minutes away: the long-run note comes 3 steps after
     the first one, however slow they are."""
@@ -3166,6 +3349,7 @@ def test_the_projection_comes_after_the_first_timed_steps(tmp_path, monkeypatch)
     assert notes == [1 + lm.PROJECT_AFTER]
 
 
+@pytest.mark.slow
 def test_a_folder_run_on_the_default_recipe_says_so_first(tmp_path, capsys):
     root = image_folder(tmp_path / "pets")
     common = ["--dataset", "folder", "--data-dir", root, "--labels", 6, "--image-size", 8, "--batch-size", 4,
@@ -3176,6 +3360,7 @@ def test_a_folder_run_on_the_default_recipe_says_so_first(tmp_path, capsys):
     assert "CIFAR-10 recipe" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_longer_than_a_day_says_how_to_shorten_it(tmp_path, monkeypatch, capsys):
     note = lm.projection_note(3 * 86400, 2**20, torch.device("cpu"))
     assert "3.0 days" in note and all(w in note for w in ("--dataset digits", "--steps", "--precision bf16", "GPU"))
