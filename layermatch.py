@@ -11,7 +11,7 @@ us; section "Our reading of the method" in README.md says exactly what we implem
     python layermatch.py --dataset digits --labels 20                   # offline demo, minutes on a CPU
     python layermatch.py --dataset folder --data-dir PATH --labels 40 --image-size 96 --arch resnet18  # your photos
     python layermatch.py --dataset imagenet100 --data-dir ROOT --labels 1300   # ResNet-50, 224 px, 13 per class
-    python layermatch.py --table runs                                   # mean ± std over seeds of finished runs
+    python layermatch.py --table runs --markdown      # finished runs: over seeds, and paired with fixmatch seed by seed
     torchrun --nproc_per_node=4 layermatch.py --dataset cifar100 --labels 400   # batch = global batch
 
 From Python (your own uint8 images [N, C, H, W] and int64 labels), and a trained model:
@@ -21,8 +21,8 @@ From Python (your own uint8 images [N, C, H, W] and int64 labels), and a trained
                     data=dict(train_x=..., train_y=..., test_x=..., test_y=..., unlabeled_x=None))
     classes, probs = predict(load("runs/mydata@40-layermatch-s0"), images)
 
-The dataset sits on the device as uint8 (or in host memory, --data-on host), augmented there in whole batches with
-per-image randomness; one forward pass over [labeled, weak, strong] per step, as in FixMatch.
+The method, top to layermatch_step's end, runs pasted alone. Images sit on the device as uint8 (or in host memory,
+--data-on host), augmented in whole batches; one forward pass over [labeled, weak, strong] per step, as in FixMatch.
 """
 import argparse
 import contextlib
@@ -139,8 +139,7 @@ BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, stage
 ALGORITHM_DEFAULTS = {  # the ablations gradrelu and avgclustering: FixMatch plus one part of LayerMatch
     "layermatch": dict(grad_relu="zero", lambda_ac=1.0), "fixmatch": dict(grad_relu="off", lambda_ac=0.0),
     "gradrelu": dict(grad_relu="zero", lambda_ac=0.0), "avgclustering": dict(grad_relu="off", lambda_ac=1.0),
-    "supervised": dict(grad_relu="off", lambda_ac=0.0),
-}
+    "supervised": dict(grad_relu="off", lambda_ac=0.0)}
 IDENTITY = ("dataset", "labels", "seed", "algorithm")  # an experiment
 SAME_RUN = IDENTITY + ("arch", "pretrained", "image_size", "depth", "widen", "stages")  # a resumed run agrees on these
 MIN_SIDE = 3  # pixels: the smallest image every augmentation op handles (Sharpness's 3x3 filter)
@@ -221,9 +220,8 @@ def check_data(data: dict):
         if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.shape == (len(x),)):
             raise UserError(f"data['{split}_y'] must be an int64 tensor [N] matching data['{split}_x']")
     u, test, shape = data.get("unlabeled_x"), data["test_x"], data["train_x"].shape[1:]
-    same = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 4 and t.shape[1:] == shape
-    if (u is not None and not same(u)) or not (same(test) or test.shape[1] == shape[0] and all(
-            a <= b for a, b in zip(test.shape[2:], shape[1:]))):
+    bad_u = u is not None and not (isinstance(u, torch.Tensor) and u.dtype == torch.uint8 and u.shape[1:] == shape)
+    if bad_u or test.shape[1] != shape[0] or any(a > b for a, b in zip(test.shape[2:], shape[1:])):
         raise UserError(f"image tensors must be uint8 of the train images' shape [N, {', '.join(map(str, shape))}] "
                         "(test images may be smaller: training then takes random crops of their size)")
     if shape[0] not in (1, 3) or min(test.shape[2:]) < MIN_SIDE:
@@ -271,9 +269,8 @@ def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool, crop: tuple
     dx = torch.randint(-px, W - w + px + 1, (N, 1), device=dev, generator=gen)
     rows = reflect(torch.arange(h, device=dev) + dy, H)  # [N, h]
     cols = reflect(torch.arange(w, device=dev) + dx, W)  # [N, w]
-    flip = torch.rand(N, 1, device=dev, generator=gen) < 0.5
-    if hflip:  # the crop of the flipped image, as RandomHorizontalFlip before RandomCrop
-        cols = torch.where(flip, W - 1 - cols, cols)
+    flip = (torch.rand(N, 1, device=dev, generator=gen) < 0.5) & hflip  # drawn either way: the same random stream
+    cols = torch.where(flip, W - 1 - cols, cols)  # the crop of the flipped image: RandomHorizontalFlip, then RandomCrop
     pixel = (rows[:, :, None] * W + cols[:, None, :]).view(N, 1, h * w).expand(N, C, h * w)
     return x.flatten(2).gather(2, pixel).view(N, C, h, w)
 
@@ -295,18 +292,13 @@ def grayscale(x):
     r, g, b = x.int().unbind(1)
     return ((19595 * r + 38470 * g + 7471 * b + 32768) >> 16)[:, None].float()
 
-def mean_gray(x):
-    """Contrast's degenerate image: the mean grey level, rounded half up as PIL's int(mean + 0.5)."""
-    return (grayscale(x).mean((1, 2, 3), keepdim=True) + 0.5).floor()
-
 def sharpen_degenerate(x):
     """PIL's SMOOTH filter (3x3, centre weight 5, sum 13) inside, original pixels on the border."""
-    C, xf = x.shape[1], x.float()
+    C, out = x.shape[1], x.float()  # a new tensor: x is uint8
     kernel = torch.ones(3, 3, device=x.device)  # built on the device: a tensor from a list would sync
     kernel[1, 1] = 5
-    smooth = F.conv2d(xf, (kernel / 13).expand(C, 1, 3, 3), groups=C).round()
-    interior = F.pad(torch.ones_like(smooth[:1, :1], dtype=torch.bool), (1, 1, 1, 1))
-    return F.pad(smooth, (1, 1, 1, 1)).where(interior, xf)
+    out[:, :, 1:-1, 1:-1] = F.conv2d(out, (kernel / 13).expand(C, 1, 3, 3), groups=C).round()
+    return out
 
 def enhance_factor(level):
     """0.1 + 1.8 L / 10 as (5 + 9 L) / 50: one float32 rounding, the float32 of the references' double exactly."""
@@ -341,7 +333,7 @@ COLOR_OPS = {
     2: lambda x, m: TF.equalize(x),
     3: lambda x, m: blend(x, torch.zeros((), device=x.device), m),  # Brightness, m = blend factor
     4: lambda x, m: blend(x, grayscale(x), m),  # Color
-    5: lambda x, m: blend(x, mean_gray(x), m),  # Contrast
+    5: lambda x, m: blend(x, (grayscale(x).mean((1, 2, 3), keepdim=True) + 0.5).floor(), m),  # Contrast: PIL's mean
     6: lambda x, m: blend(x, sharpen_degenerate(x), m),  # Sharpness
     12: lambda x, m: x & (0xFF << (8 - m.int())).to(torch.uint8).view(-1, 1, 1, 1),  # Posterize: keep m bits
     13: lambda x, m: torch.where(x >= m.view(-1, 1, 1, 1), 255 - x, x),  # Solarize: invert from threshold m on
@@ -411,10 +403,8 @@ def cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def usb_cutout(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """USB's CutoutAbs(s = v W), v ~ U[0, 0.5]: corner int(max(0, c - s / 2)), c = np.random.uniform(W) in (1, W];
     through corner + s, both ends included (PIL's rectangle); fill (125, 123, 114), grayscale 123 (their luma)."""
-    N, C, H, W = x.shape
-    dev = x.device
-    side, cx, cy = (torch.rand(N, 1, 1, device=dev, generator=gen) for _ in range(3))
-    side = 0.5 * W * side
+    (N, C, H, W), dev = x.shape, x.device
+    side, cx, cy = (torch.rand(N, 1, 1, device=dev, generator=gen) * s for s in (0.5 * W, 1, 1))  # s = v W
     left, top = ((n - (n - 1) * c - side / 2).clamp(min=0).floor() for n, c in ((W, cx), (H, cy)))
     right, bottom = ((corner + side).clamp(max=n).floor() for corner, n in ((left, W), (top, H)))
     rows, cols = torch.arange(H, device=dev).view(1, H, 1), torch.arange(W, device=dev).view(1, 1, W)
@@ -478,24 +468,19 @@ class ResNet(nn.Module):
     def __init__(self, arch, num_classes, in_channels=3, image_size=32):
         super().__init__()
         import torchvision.models
-        net = getattr(torchvision.models, arch)()
+        net = getattr(torchvision.models, arch)(norm_layer=BatchNorm)  # momentum 1, as the WideResNet's: see BatchNorm
         if image_size < 96:
             net.conv1, net.maxpool = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.Identity()
         elif in_channels != 3:  # the ImageNet stem for grayscale images
             net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 1.0  # as BatchNorm() above: average_running_stats applies the warmed-up momentum
         self.fc = nn.Linear(net.fc.in_features, num_classes)
         nn.init.xavier_normal_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
         net.fc = nn.Identity()
         self.features = net  # x [N, C, H, W] -> f [N, 512 (resnet18) or 2048 (resnet50)]
 
-    def forward(self, x):
-        f = self.features(x)
-        return self.fc(f), f
+    forward = WideResNet.forward  # (logits, features)
 
 def make_network(cfg: dict, num_classes: int, shape) -> nn.Module:
     """The --arch network for images [C, H, W] (cfg: a checkpoint's dict); pretrained weights take RGB (gray too)."""
@@ -561,8 +546,6 @@ def avg_clustering_loss(f_strong, centres, seen, y_hat, mask):
 def layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, lambda_u, lambda_ac):
     """L = L_s + lambda_u L_u + lambda_ac L_ac. z_s must come from grad_relu_logits(f_s, ...)."""
     L_s = F.cross_entropy(z_l.float(), y)
-    if z_s is None:  # supervised only
-        return L_s, dict(L_s=L_s)
     L_u = (F.cross_entropy(z_s.float(), y_hat, reduction="none") * mask).mean()
     L_ac = avg_clustering_loss(f_s, centres, seen, y_hat, mask) if lambda_ac else torch.zeros_like(L_u)
     return L_s + lambda_u * L_u + lambda_ac * L_ac, dict(L_s=L_s, L_u=L_u, L_ac=L_ac)
@@ -571,7 +554,6 @@ def layermatch_loss(z_l, y, z_s, y_hat, mask, f_s, centres, seen, lambda_u, lamb
 # One step of LayerMatch: from a batch of images to the loss
 
 def all_reduce(*tensors):
-    """Sum each tensor over the processes of a torchrun job, in place (nothing to do in one process)."""
     if dist.is_initialized():
         for t in tensors:
             dist.all_reduce(t)
@@ -584,10 +566,9 @@ def avg_clustering_step(f, y, weight, centres, seen, alpha):
         return avg_clustering_update(centres, seen, sums, counts, alpha)
 
 def layermatch_step(model, head, batch, normalize, gen, centres, seen, cfg, dtype=None):
-    """Augment, one forward pass over [labeled weak, unlabeled weak, unlabeled strong], loss; no host sync. batch
-    (Batches): uint8 x_l, labels y, unlabeled u with true labels y_u (-1: unknown; diagnostics), crop (H, W) or None.
-    model(x) -> (logits, features), head its linear layer. Augmentation in fp32, forward and losses under autocast
-    in dtype (None: fp32). The centres are kept for every algorithm (the nearest-centre diagnostic)."""
+    """Augment (outside autocast), one forward pass, the loss; no host sync. batch (Batches): uint8 x_l, labels y, u
+    with true labels y_u (-1: unknown; diagnostics), crop (H, W) or None. model(x) -> (logits, features), head its
+    linear layer; forward and losses under autocast in dtype (None: fp32). Centres for every algorithm (diagnostic)."""
     dev, alpha = centres.device, cfg.ac_momentum
     amp = torch.autocast(dev.type, dtype, enabled=dtype is not None)
     weak = lambda x: weak_augment(x, gen, cfg.hflip, batch["crop"])
@@ -595,8 +576,8 @@ def layermatch_step(model, head, batch, normalize, gen, centres, seen, cfg, dtyp
     if cfg.algorithm == "supervised":
         with amp:
             z_l, f_l = model(normalize(x_l))
-            loss, terms = layermatch_loss(z_l, y, None, None, None, None, centres, seen, 0, 0)
-            return loss, terms, *avg_clustering_step(f_l, y, torch.ones_like(y), centres, seen, alpha)
+            loss = F.cross_entropy(z_l.float(), y)  # L_s alone
+            return loss, dict(L_s=loss), *avg_clustering_step(f_l, y, torch.ones_like(y), centres, seen, alpha)
     u, B, uB = batch["u"], len(y), len(batch["u"])
     x_w = weak(u)  # the strong view draws its own crop; images stored larger than it are RandAugmented first (TorchSSL)
     x_s = weak(strong_augment(u, gen, cfg.augment)) if batch["crop"] else strong_augment(weak(u), gen, cfg.augment)
@@ -624,16 +605,16 @@ DOWNLOAD_HINTS = {  # what torchvision looks for in --data-dir
 }
 
 IMAGENET100 = (  # the 100 classes of CMC (Tian et al. 2019, imagenet100.txt), as solo-learn and most SSL papers
-    "n01558993 n01692333 n01729322 n01735189 n01749939 n01773797 n01820546 n01855672 n01978455 n01980166 "
-    "n01983481 n02009229 n02018207 n02085620 n02086240 n02086910 n02087046 n02089867 n02089973 n02090622 "
-    "n02091831 n02093428 n02099849 n02100583 n02104029 n02105505 n02106550 n02107142 n02108089 n02109047 "
-    "n02113799 n02113978 n02114855 n02116738 n02119022 n02123045 n02138441 n02172182 n02231487 n02259212 "
-    "n02326432 n02396427 n02483362 n02488291 n02701002 n02788148 n02804414 n02859443 n02869837 n02877765 "
-    "n02974003 n03017168 n03032252 n03062245 n03085013 n03259280 n03379051 n03424325 n03492542 n03494278 "
-    "n03530642 n03584829 n03594734 n03637318 n03642806 n03764736 n03775546 n03777754 n03785016 n03787032 "
-    "n03794056 n03837869 n03891251 n03903868 n03930630 n03947888 n04026417 n04067472 n04099969 n04111531 "
-    "n04127249 n04136333 n04229816 n04238763 n04336792 n04418357 n04429376 n04435653 n04485082 n04493381 "
-    "n04517823 n04589890 n04592741 n07714571 n07715103 n07753275 n07831146 n07836838 n13037406 n13040303"
+    "n01558993 n01692333 n01729322 n01735189 n01749939 n01773797 n01820546 n01855672 n01978455 n01980166 n01983481 "
+    "n02009229 n02018207 n02085620 n02086240 n02086910 n02087046 n02089867 n02089973 n02090622 n02091831 n02093428 "
+    "n02099849 n02100583 n02104029 n02105505 n02106550 n02107142 n02108089 n02109047 n02113799 n02113978 n02114855 "
+    "n02116738 n02119022 n02123045 n02138441 n02172182 n02231487 n02259212 n02326432 n02396427 n02483362 n02488291 "
+    "n02701002 n02788148 n02804414 n02859443 n02869837 n02877765 n02974003 n03017168 n03032252 n03062245 n03085013 "
+    "n03259280 n03379051 n03424325 n03492542 n03494278 n03530642 n03584829 n03594734 n03637318 n03642806 n03764736 "
+    "n03775546 n03777754 n03785016 n03787032 n03794056 n03837869 n03891251 n03903868 n03930630 n03947888 n04026417 "
+    "n04067472 n04099969 n04111531 n04127249 n04136333 n04229816 n04238763 n04336792 n04418357 n04429376 n04435653 "
+    "n04485082 n04493381 n04517823 n04589890 n04592741 n07714571 n07715103 n07753275 n07831146 n07836838 n13037406 "
+    "n13040303"
 ).split()
 
 def load_digits():
@@ -979,8 +960,7 @@ class Batches:
         self.next, self.state = None, None
 
     def gather(self, x, i):  # rows i of x, on the device; index_select copies rows (on a CPU 5-40x faster than x[i])
-        on_host = self.D["on_host"]
-        out = torch.empty((len(i), *x.shape[1:]), dtype=x.dtype, pin_memory=self.pin) if on_host else None
+        out = torch.empty((len(i), *x.shape[1:]), dtype=x.dtype, pin_memory=self.pin) if self.D["on_host"] else None
         return torch.index_select(x, 0, i, out=out).to(self.device, non_blocking=True)
 
     def draw(self) -> dict:
@@ -993,7 +973,6 @@ class Batches:
                     y_u=self.gather(D["y_u"], i_u), crop=D["crop"])
 
     def take(self) -> dict:
-        """This step's batch: the one prefetched during the previous step, or drawn now."""
         batch, self.next = self.next if self.next is not None else self.draw(), None
         return batch
 
@@ -1043,7 +1022,7 @@ def evaluate(model, live, x, y, normalize, centres, seen, batch=1024) -> tuple:
     training = live.training  # the live network goes back to this mode below; the EMA copy stays in eval mode
     model.eval()
     live.eval()
-    hits = torch.zeros(2, device=x.device)
+    hits = torch.zeros(2, device=y.device)  # (x may be in host memory: --data-on host)
     for i in range(0, len(x), batch):
         inputs = normalize(x[i:i + batch].to(y.device))  # --data-on host: the test images are there too
         z, f = model(inputs)[0], live(inputs)[1]
@@ -1195,16 +1174,8 @@ def from_rank_zero(group, rank: int, work):
     return tensors_as(result if rank == 0 else box[0], send)
 
 def rank_mean(t: torch.Tensor) -> torch.Tensor:
-    """The mean of t over all processes (t itself in a single process)."""
     all_reduce(t := t.clone())
     return t / (dist.get_world_size() if dist.is_initialized() else 1)
-
-def rank_spread(tensors) -> float:
-    """Largest difference of these tensors between processes (0.0 means all ranks agree)."""
-    flat = torch.cat([t.detach().float().flatten() for t in tensors])
-    both = torch.cat([flat, -flat])  # the largest value and, negated, the smallest: one all-reduce
-    dist.all_reduce(both, dist.ReduceOp.MAX)
-    return (both[:len(flat)] + both[len(flat):]).max().item()
 
 # ---------------------------------------------------------------------------------------------
 # Training
@@ -1357,7 +1328,6 @@ STATS = ("loss", "L_s", "L_u", "L_ac", "mask", "pl_correct", "pl_known", "steps"
 LOG_EVERY = 16  # steps between host reads of those sums: the only synchronisation in the loop
 
 def accumulate(stats: torch.Tensor, loss, terms):
-    """Add this step's figures to the device-side sums (no host sync)."""
     zero = torch.zeros((), device=stats.device)
     stats += torch.stack([loss.detach().float()] + [terms.get(k, zero).detach().float() for k in STATS[1:-1]]
                          + [torch.ones((), device=stats.device)])
@@ -1378,7 +1348,6 @@ def projection_note(seconds: float, steps: int, device: torch.device) -> str:
            f"for a shorter run: {ways}"
 
 def tensorboard_writer():
-    """--tensorboard: tensorboard is an optional package, imported only when asked for."""
     try:
         from torch.utils.tensorboard import SummaryWriter
         return SummaryWriter
@@ -1388,23 +1357,22 @@ def tensorboard_writer():
 class Progress(contextlib.AbstractContextManager):
     """The loop's figures to the progress bar, TensorBoard (rank 0) and a long run's projection; the steady clock."""
 
-    def __init__(self, cfg: Config, s: State, rank: int, device, images_per_step: int, SummaryWriter):
+    def __init__(self, cfg: Config, s: State, rank: int, device, images_per_step: int, writer):
         self.cfg, self.rank, self.device, self.images_per_step = cfg, rank, device, images_per_step
         self.bar = tqdm(total=cfg.steps, initial=s.step, disable=rank != 0, dynamic_ncols=True, desc=cfg.algorithm)
-        # a resumed run continues its curves: TensorBoard drops the points logged after the checkpoint (purge_step)
-        self.tb = None if SummaryWriter is None or rank else SummaryWriter(os.path.join(cfg.out, "tb"),
-                                                                            purge_step=s.step + 1)
+        # rank 0's curves; a resumed run continues them, TensorBoard dropping the points logged after the checkpoint
+        self.tb = writer(os.path.join(cfg.out, "tb"), purge_step=s.step + 1) if writer and not rank else None
         self.logged = s.stats.tolist()  # the sums at the last log: each TensorBoard point covers its own steps
-        self.t0, self.k0, self.busy, self.projected = None, s.step, 0.0, False
+        self.t0, self.k0, self.busy = None, s.step, 0.0
 
     def tick(self, loss, step):
         """The clock starts after step 1 (compilation, autotuning); PROJECT_AFTER steps later, the projection."""
         if self.t0 is None:
             loss.item()
             self.t0, self.k0 = time.time(), step
-        elif not self.projected and step == self.k0 + PROJECT_AFTER:
+        elif step == self.k0 + PROJECT_AFTER:  # once: step grows by one per call
             loss.item()
-            self.projected, seconds = True, (self.cfg.steps - step) / (self.steps_per_second(step) or math.inf)
+            seconds = (self.cfg.steps - step) / (self.steps_per_second(step) or math.inf)
             if self.rank == 0 and seconds > LONG_RUN:
                 self.bar.write(projection_note(seconds, self.cfg.steps, self.device))
 
@@ -1516,9 +1484,8 @@ def train(cfg: Config, data: dict | None = None) -> dict:
             for group in s.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, s.step)
             before = [b.clone() for b in bn_stats]
-            step = layermatch_step(model, net.fc, s.batches.take(), D["normalize"], s.gen, s.centres, s.seen, cfg,
-                                   dtype)
-            loss, terms, s.centres, s.seen = step
+            loss, terms, s.centres, s.seen = layermatch_step(model, net.fc, s.batches.take(), D["normalize"], s.gen,
+                                                             s.centres, s.seen, cfg, dtype)
             s.optimizer.zero_grad(set_to_none=True)
             s.scaler.scale(loss).backward()
             s.scaler.step(s.optimizer)  # with fp16, skips the update if a gradient overflowed: normal, not an error
@@ -1569,8 +1536,11 @@ def summarise(s: State, cfg: Config, world, rank, device, steps_per_second) -> d
         summary |= dict(test_acc_median_last20=statistics.median(accs[-20:]), test_acc_best=max(accs),
                         test_acc_final=accs[-1], evaluations=len(accs),
                         centre_acc_median_last20=statistics.median(centre[-20:]), centre_acc_final=centre[-1])
-    if world > 1:
-        summary["rank_spread"] = rank_spread(list(s.model.parameters()) + list(s.ema.parameters()) + [s.centres])
+    if world > 1:  # rank_spread: the largest difference of weights, EMA and centres between processes (0.0: none)
+        flat = torch.cat([t.detach().float().ravel() for t in [*s.model.parameters(), *s.ema.parameters(), s.centres]])
+        both = torch.cat([flat, -flat])  # the largest value and, negated, the smallest: one all-reduce
+        dist.all_reduce(both, dist.ReduceOp.MAX)
+        summary["rank_spread"] = (both[:len(flat)] + both[len(flat):]).max().item()
         dist.destroy_process_group()
     if rank == 0 and summary["finished"]:
         write_text(os.path.join(cfg.out, "summary.json"), json.dumps(summary, indent=2, allow_nan=False))
@@ -1630,21 +1600,16 @@ def evaluate_run(cfg: Config):
           f"test accuracy {accs[0]:.2%} (EMA model, as reported in training), {accs[1]:.2%} (live model)")
     return accs
 
-# What a table row leaves out: settings that change the speed or the bookkeeping, not the experiment (torchrun_job:
-# "job" before version 6)
+# What a table row leaves out: settings of the speed or the bookkeeping, not the experiment (torchrun_job: v5's job)
 NOT_IN_TABLE = BOOKKEEPING + ("job", "slurm_job", "requeue", "torchrun_job", "seed", "data_dir", "device", "precision",
                               "channels_last", "compile", "evaluate", "table", "baseline", "markdown")
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 
 def short_names(paths: set) -> dict:
-    """Each path's shortest tail of folder names that no other path in the set shares."""
+    """Each path's shortest tail of folder names that no other path in the set shares (all of them if none is)."""
     parts = {p: os.path.normpath(p).split(os.sep) for p in paths}
-
-    def tail(mine):  # the fewest trailing names that no other path ends with (all of them if none is enough)
-        k = next((k for k in range(1, len(mine)) if all(o[-k:] != mine[-k:] for o in parts.values() if o is not mine)),
-                 len(mine))
-        return "/".join(mine[-k:])
-    return {p: tail(mine) for p, mine in parts.items()}
+    unique = lambda p, k: k == len(parts[p]) or all(o[-k:] != parts[p][-k:] for q, o in parts.items() if q != p)
+    return {p: "/".join(parts[p][-next(k for k in range(1, len(parts[p]) + 1) if unique(p, k)):]) for p in parts}
 
 def t95(df: int) -> float:
     """Student's t two-sided 95% quantile, bisected on P(|T| < t), exact for integer df (Abramowitz-Stegun 26.7.3-4)."""
@@ -1658,12 +1623,10 @@ def t95(df: int) -> float:
     return math.sqrt(df) * math.tan(lo)
 
 def mean_sd(v: list, sign: str = "", interval: bool = False) -> str:
-    """'mean ± sd' of v in %, with interval its 95% t-interval from 3 values on."""
-    text, mean = f"{statistics.mean(v):{sign}.2f}", statistics.mean(v)
-    if v[1:]:
-        text += f" ± {statistics.stdev(v):.2f}"
-    half = t95(len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v)) if interval and v[2:] else None
-    return text + (f" [{mean - half:{sign}.2f}, {mean + half:{sign}.2f}]" if half is not None else "")
+    """'mean ± sd' of v; with interval, the mean's 95% t-interval (from 3 values on)."""
+    mean, sd, n = statistics.mean(v), statistics.stdev(v) if v[1:] else 0.0, len(v)
+    ci = f" [{mean - (h := t95(n - 1) * sd / n ** 0.5):{sign}.2f}, {mean + h:{sign}.2f}]" if interval and n > 2 else ""
+    return f"{mean:{sign}.2f}" + (f" ± {sd:.2f}" if n > 1 else "") + ci
 
 def paired(a: dict, b: dict) -> str:
     """Seed by seed, over the seeds both have, a - b: mean ± sd [95% t-interval]; how many, if not all."""
@@ -1671,9 +1634,8 @@ def paired(a: dict, b: dict) -> str:
     return mean_sd(d, "+", True) + (f" ({len(d)} common seeds)" if a.keys() != b.keys() else "") if d else "-"
 
 def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False) -> str:
-    """--table: a row per dataset@labels, algorithm and settings that differ from the defaults, from every summary.json
-    below root: over seeds (one seed's runs averaged), the median of the last 20 evaluations, then seed by seed its
-    difference to the baseline row's and the nearest-centre accuracy's to it. An aligned markdown table."""
+    """--table: an aligned markdown table, a row per dataset@labels, algorithm and non-default settings, from every
+    summary.json below root; each seed's runs averaged, then paired with the baseline's run of that seed."""
     runs = [(folder, read_json(os.path.join(folder, "config.json"), needs=RUN_CONFIG),
              read_json(os.path.join(folder, "summary.json"), needs=REPORTED))
             for folder, _, files in sorted(os.walk(root)) if {"summary.json", "config.json"} <= set(files)]
@@ -1689,19 +1651,17 @@ def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False)
         cells.setdefault((data, cfg["labels"], row), {}).setdefault(cfg["seed"], []).append(summary | dict(
             dir=os.path.relpath(folder, root)))
 
-    def over(key, name="test_acc_median_last20"):  # {seed: the mean of its runs' figure in %} where all runs have it
-        seeds = cells.get(key, {})
-        return {s: 100 * statistics.mean(r[name] for r in rs) for s, rs in seeds.items() if all(name in r for r in rs)}
+    def over(seeds, k="test_acc_median_last20"):  # {seed: the mean of its runs' figure in %} where all its runs have it
+        return {s: 100 * statistics.mean(x[k] for x in r) for s, r in seeds.items() if all(k in x for x in r)}
     seeds = sorted({seed for one in cells.values() for seed in one}) if markdown else []
     table = [["data", "algorithm", *(f"seed {s}" for s in seeds), "n", "mean ± sd", "min–max", "best",
               f"− {baseline}, paired", "centre − head"]]
-    algorithms = list(ALGORITHM_DEFAULTS)  # rows in this order, then by settings
-    for key in sorted(cells, key=lambda k: (*k[:2], algorithms.index(k[2].split()[0]), k[2])):
-        (data, labels, row), acc, centre = key, over(key), over(key, "centre_acc_median_last20")
+    for key in sorted(cells, key=lambda k: (*k[:2], list(ALGORITHM_DEFAULTS).index(k[2].split()[0]), k[2])):
+        (data, labels, row), acc, centre = key, over(cells[key]), over(cells[key], "centre_acc_median_last20")
         table.append([f"{data}@{labels}", row, *(f"{acc[s]:.2f}" if s in acc else "-" for s in seeds), str(len(acc)),
                       mean_sd(list(acc.values())), f"{min(acc.values()):.2f}–{max(acc.values()):.2f}",
-                      f"{statistics.mean(over(key, 'test_acc_best').values()):.2f}",
-                      "baseline" if row == baseline else paired(acc, over((data, labels, baseline))),
+                      f"{statistics.mean(over(cells[key], 'test_acc_best').values()):.2f}",
+                      "baseline" if row == baseline else paired(acc, over(cells.get((data, labels, baseline), {}))),
                       paired(centre, acc) if centre.keys() == acc.keys() else "-"])
     widths = [max(map(len, column)) for column in zip(*table)]
     lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(line, widths)) + " |" for line in table]
