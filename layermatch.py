@@ -125,15 +125,14 @@ class Config:
     # instead of training
     evaluate: bool = arg(False, "report the test accuracy of the run in --out (EMA and live model), then exit")
     table: str = arg("", "print the results table of finished runs (summary.json) below DIR, then exit", metavar="DIR")
-    baseline: str = arg("fixmatch", "--table: the row each row is compared with, seed by seed", metavar="ROW")
-    markdown: bool = arg(False, "--table: as a markdown table, with each seed's figure")
+    baseline: str = arg("fixmatch", "--table: paired with this algorithm", choices=algorithm.metadata["choices"])
+    markdown: bool = arg(False, "--table: also a column per seed, for a markdown file")
 
 DATASET_DEFAULTS = {  # FixMatch protocol; digits is sized for a 2-core CPU demo.
     "cifar10": dict(), "cifar100": dict(widen=8, weight_decay=1e-3), "svhn": dict(hflip=False),
     "stl10": dict(stages=4),  # WRN-37-2 in USB's layout (wrn_var_37_2; README: Network)
     "digits": dict(steps=1500, batch_size=16, eval_every=25, hflip=False), "folder": dict(),
-    "imagenet100": dict(arch="resnet50", image_size=224, batch_size=32, weight_decay=3e-4, augment="usb"),  # TorchSSL
-}
+    "imagenet100": dict(arch="resnet50", image_size=224, batch_size=32, weight_decay=3e-4, augment="usb")}  # TorchSSL
 BASE_DEFAULTS = dict(steps=2**20, batch_size=64, eval_every=1024, widen=2, stages=3, weight_decay=5e-4, ema=0.999,
                      hflip=True, threshold=0.95, lambda_u=1.0, arch="wrn", image_size=32, augment="fixmatch")
 ALGORITHM_DEFAULTS = {  # the ablations gradrelu and avgclustering: FixMatch plus one part of LayerMatch
@@ -269,7 +268,7 @@ def weak_augment(x: torch.Tensor, gen: torch.Generator, hflip: bool, crop: tuple
     dx = torch.randint(-px, W - w + px + 1, (N, 1), device=dev, generator=gen)
     rows = reflect(torch.arange(h, device=dev) + dy, H)  # [N, h]
     cols = reflect(torch.arange(w, device=dev) + dx, W)  # [N, w]
-    flip = (torch.rand(N, 1, device=dev, generator=gen) < 0.5) & hflip  # drawn either way: the same random stream
+    flip = (torch.rand(N, 1, device=dev, generator=gen) < 0.5) & bool(hflip)  # drawn either way: the same stream
     cols = torch.where(flip, W - 1 - cols, cols)  # the crop of the flipped image: RandomHorizontalFlip, then RandomCrop
     pixel = (rows[:, :, None] * W + cols[:, None, :]).view(N, 1, h * w).expand(N, C, h * w)
     return x.flatten(2).gather(2, pixel).view(N, C, h, w)
@@ -1600,9 +1599,10 @@ def evaluate_run(cfg: Config):
           f"test accuracy {accs[0]:.2%} (EMA model, as reported in training), {accs[1]:.2%} (live model)")
     return accs
 
-# What a table row leaves out: settings of the speed or the bookkeeping, not the experiment (torchrun_job: v5's job)
-NOT_IN_TABLE = BOOKKEEPING + ("job", "slurm_job", "requeue", "torchrun_job", "seed", "data_dir", "device", "precision",
-                              "channels_last", "compile", "evaluate", "table", "baseline", "markdown")
+# What a row's settings leave out: the experiment (its own columns), the speed, the bookkeeping (torchrun_job: v5's job)
+NOT_IN_TABLE = BOOKKEEPING + IDENTITY + ("job", "slurm_job", "requeue", "torchrun_job", "data_dir", "device",
+                                         "precision", "channels_last", "compile", "evaluate", "table", "baseline",
+                                         "markdown")
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 
 def short_names(paths: set) -> dict:
@@ -1623,57 +1623,57 @@ def t95(df: int) -> float:
     return math.sqrt(df) * math.tan(lo)
 
 def mean_sd(v: list, sign: str = "", interval: bool = False) -> str:
-    """'mean ± sd' of v; with interval, the mean's 95% t-interval (from 3 values on)."""
-    mean, sd, n = statistics.mean(v), statistics.stdev(v) if v[1:] else 0.0, len(v)
+    """'mean ± sd' of v; with interval, the mean's 95% t-interval [low, high] (from 3 values on)."""
+    mean, sd, n = round(statistics.mean(v), 9) + 0.0, statistics.stdev(v) if v[1:] else 0.0, len(v)  # no "-0.00"
     ci = f" [{mean - (h := t95(n - 1) * sd / n ** 0.5):{sign}.2f}, {mean + h:{sign}.2f}]" if interval and n > 2 else ""
     return f"{mean:{sign}.2f}" + (f" ± {sd:.2f}" if n > 1 else "") + ci
 
 def paired(a: dict, b: dict) -> str:
     """Seed by seed, over the seeds both have, a - b: mean ± sd [95% t-interval]; how many, if not all."""
     d = [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())]
-    return mean_sd(d, "+", True) + (f" ({len(d)} common seeds)" if a.keys() != b.keys() else "") if d else "-"
+    return mean_sd(d, "+", True) + (f" (seeds in common: {len(d)})" if a.keys() != b.keys() else "") if d else "-"
 
 def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False) -> str:
-    """--table: an aligned markdown table, a row per dataset@labels, algorithm and non-default settings, from every
-    summary.json below root; each seed's runs averaged, then paired with the baseline's run of that seed."""
+    """--table: an aligned markdown table, a row per dataset@labels, non-default settings and algorithm, from every
+    summary.json below root; each seed's runs averaged, then paired with the baseline algorithm's at those settings."""
     runs = [(folder, read_json(os.path.join(folder, "config.json"), needs=RUN_CONFIG),
              read_json(os.path.join(folder, "summary.json"), needs=REPORTED))
             for folder, _, files in sorted(os.walk(root)) if {"summary.json", "config.json"} <= set(files)]
     if not runs:
         raise UserError(f"no finished runs (summary.json with its config.json) below '{root}'")
     data_names = short_names({cfg["data_dir"] for _, cfg, _ in runs if cfg["dataset"] in OWN_DATA})
-    cells = {}  # (dataset, labels, row) -> {seed: [its runs' summary.json, with their folder]}
+    cells = {}  # (dataset, labels, settings ((k, v), ...), algorithm) -> {seed: [its runs' summary.json and folder]}
     for folder, cfg, summary in runs:
         default = dataclasses.asdict(resolve(Config(dataset=cfg["dataset"], algorithm=cfg["algorithm"]), True))
-        row = " ".join([cfg["algorithm"]] + [f"{k}={v}" for k, v in cfg.items()
-                                             if k not in NOT_IN_TABLE + IDENTITY and default.get(k) != v])
+        settings = tuple((k, v) for k, v in cfg.items() if default.get(k) != v and k not in NOT_IN_TABLE)
         data = f"{cfg['dataset']}:{data_names[cfg['data_dir']]}" if cfg["dataset"] in OWN_DATA else cfg["dataset"]
-        cells.setdefault((data, cfg["labels"], row), {}).setdefault(cfg["seed"], []).append(summary | dict(
-            dir=os.path.relpath(folder, root)))
+        cells.setdefault((data, cfg["labels"], settings, cfg["algorithm"]), {}).setdefault(cfg["seed"], []).append(
+            summary | dict(dir=os.path.relpath(folder, root)))
 
     def over(seeds, k="test_acc_median_last20"):  # {seed: the mean of its runs' figure in %} where all its runs have it
-        return {s: 100 * statistics.mean(x[k] for x in r) for s, r in seeds.items() if all(k in x for x in r)}
+        return {s: 100 * statistics.mean(x[k] for x in r) for s, r in seeds.items()
+                if all(isinstance(x.get(k), float) for x in r)}  # (older runs have no centre_acc)
     seeds = sorted({seed for one in cells.values() for seed in one}) if markdown else []
+    row = lambda algorithm, settings: " ".join([algorithm, *(f"{k}={v}" for k, v in settings)])  # its name
+    parts = ("grad_relu", "lambda_ac") + ("threshold", "lambda_u") * (baseline == "supervised")  # no baseline's
     table = [["data", "algorithm", *(f"seed {s}" for s in seeds), "n", "mean ± sd", "min–max", "best",
               f"− {baseline}, paired", "centre − head"]]
-    for key in sorted(cells, key=lambda k: (*k[:2], list(ALGORITHM_DEFAULTS).index(k[2].split()[0]), k[2])):
-        (data, labels, row), acc, centre = key, over(cells[key]), over(cells[key], "centre_acc_median_last20")
-        table.append([f"{data}@{labels}", row, *(f"{acc[s]:.2f}" if s in acc else "-" for s in seeds), str(len(acc)),
-                      mean_sd(list(acc.values())), f"{min(acc.values()):.2f}–{max(acc.values()):.2f}",
+    for key in sorted(cells, key=lambda k: (*k[:2], row("", k[2]), list(ALGORITHM_DEFAULTS).index(k[3]))):
+        acc, centre = over(cells[key]), over(cells[key], "centre_acc_median_last20")
+        base = (*key[:2], tuple(kv for kv in key[2] if kv[0] not in parts), baseline)  # this experiment's baseline
+        table.append([f"{key[0]}@{key[1]}", row(key[3], key[2]), *(f"{acc[i]:.2f}" if i in acc else "-" for i in seeds),
+                      str(len(acc)), mean_sd(list(acc.values())), f"{min(acc.values()):.2f}–{max(acc.values()):.2f}",
                       f"{statistics.mean(over(cells[key], 'test_acc_best').values()):.2f}",
-                      "baseline" if row == baseline else paired(acc, over(cells.get((data, labels, baseline), {}))),
-                      paired(centre, acc) if centre.keys() == acc.keys() else "-"])
+                      "baseline" if base == key else paired(acc, over(cells.get(base, {}))), paired(centre, acc)])
     widths = [max(map(len, column)) for column in zip(*table)]
     lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(line, widths)) + " |" for line in table]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    twice = [f"{row} {data}@{labels} seed {s}: {len(rs)} runs ({', '.join(r['dir'] for r in rs)})"
-             for (data, labels, row), one in sorted(cells.items()) for s, rs in one.items() if len(rs) > 1]
+    twice = [f"{row(key[3], key[2])} {key[0]}@{key[1]} seed {s}: {len(r)} runs ({', '.join(x['dir'] for x in r)})"
+             for key, one in sorted(cells.items()) for s, r in one.items() if len(r) > 1]
     notes = [f"note: runs with the same seed count as one seed, averaged: {'; '.join(twice)}"] * bool(twice)
-    rows = sorted({row for *_, row in cells})
-    notes += [f"note: no row is {baseline} (--baseline ROW, one of: {', '.join(rows)})"] * (baseline not in rows)
-    return "\n".join([f"Test accuracy %, each seed's median of its last 20 evaluations; over n seeds mean ± sd, the "
-                      f"mean best. Paired: seed by seed, minus {baseline}'s run (centre − head: the nearest-centre "
-                      "accuracy minus the head's), mean ± sd [95% t-interval].", "", *lines, *notes])
+    notes += [f"note: no {baseline} run to pair with (--baseline ALGORITHM)"] * all(k[3] != baseline for k in cells)
+    return "\n".join([f"Test accuracy %, a seed's median of its last 20 evaluations (best: mean best). Paired, seed by "
+                      f"seed: minus {baseline} at the same settings; nearest-centre minus head.", "", *lines, *notes])
 
 # ---------------------------------------------------------------------------------------------
 # main

@@ -247,6 +247,10 @@ def test_weak_augment_is_a_shift_and_flip_of_each_image():
     flipped = row[:, 10] > row[:, 11]
     shift = torch.where(flipped, 15 - row[:, 16] // 7, row[:, 16] // 7 - 16)
     assert sorted(set(shift.tolist())) == list(range(-4, 5)) and abs(flipped.float().mean() - 0.5) < 0.05
+    for truthy, falsy in ((1, 0), (np.bool_(True), np.bool_(False))):  # Config(hflip=1) from Python: as True
+        for flag, same in ((truthy, True), (falsy, False)):
+            run = lambda f: lm.weak_augment(x, torch.Generator().manual_seed(1), hflip=f)
+            assert torch.equal(run(flag), run(same))
 
 
 def test_strong_augment_shape_range_per_image_and_seeded():
@@ -1184,6 +1188,7 @@ BAD_INPUT = [
     (("--out", "/proc/no-such-place"), "cannot write"),
     (("--image-size", 2), "--image-size must be at least 3"),
     (("--image-size", 0), "--image-size must be at least 3"),
+    (("--table", ".", "--baseline", "mixmatch"), "--baseline: invalid choice: 'mixmatch'"),
 ] + ([] if torch.cuda.is_available() else [(("--device", "cuda"), "not available")])
 
 
@@ -1554,6 +1559,8 @@ def test_cuda_training_step_has_no_host_synchronisation(tmp_path, precision, on_
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(stats).all()
+    accs = lm.evaluate(ema, net, D["test_x"], D["test_y"], D["normalize"], centres, seen)  # test_x on the host: on_host
+    assert all(0 <= a <= 1 for a in accs)
 
 
 @pytest.mark.parametrize("capability,expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"),
@@ -2931,14 +2938,14 @@ def test_results_table_from_fake_summaries(tmp_path, capsys):
     fake_run(tmp_path / "more", "cifar100", 400, "layermatch", 0, 0.50, 0.55, grad_relu="relu")  # another variant
     lm.main(["--table", str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.startswith("Test accuracy %, each seed's median of its last 20 evaluations")
+    assert out.startswith("Test accuracy %, a seed's median of its last 20 evaluations")
     header, rows, after = table_rows(out)
     assert header == ["data", "algorithm", "n", "mean ± sd", "min–max", "best", "− fixmatch, paired", "centre − head"]
     assert list(rows) == [("cifar10@40", "layermatch"), ("cifar10@40", "fixmatch"), ("cifar10@250", "fixmatch"),
                           ("cifar100@400", "layermatch grad_relu=relu")]  # by data, then in the algorithms' order
     # layermatch: seeds 0-2; fixmatch has seed 0 only, so the paired difference is seed 0's and says so
     assert rows["cifar10@40", "layermatch"][2:] == ["3", "92.00 ± 2.00", "90.00–94.00", "95.00",
-                                                    "+10.00 (1 common seeds)", "-"]  # no centre_acc in these files
+                                                    "+10.00 (seeds in common: 1)", "-"]  # no centre_acc in these files
     assert rows["cifar10@40", "fixmatch"][2:] == ["1", "80.00", "80.00–80.00", "81.00", "baseline", "-"]
     assert rows["cifar100@400", "layermatch grad_relu=relu"][6] == "-" and after == []  # no fixmatch to pair with
     (tmp_path / "cifar10@40-fixmatch-s0" / "summary.json").write_text('{"test_acc_med')  # cut off mid-write
@@ -2970,6 +2977,13 @@ def test_paired_columns_are_seed_by_seed_differences_with_their_t_interval(tmp_p
     for seed in (0, 1, 2):
         fake_run(tmp_path, "digits", 10, "gradrelu", seed, fix[seed] + 0.01 * seed, 0.9)
     fake_run(tmp_path, "digits", 10, "avgclustering", 9, 0.5, 0.5)
+    for seed, (f, g) in enumerate([(0.6, 0.7), (0.5, 0.7)]):  # at another threshold: paired with fixmatch's there
+        fake_run(tmp_path, "digits", 10, "fixmatch", seed, f, f, threshold=0.5)
+        fake_run(tmp_path, "digits", 10, "gradrelu", seed, g, g, threshold=0.5)
+    fake_run(tmp_path, "digits", 10, "layermatch", 0, 0.9, 0.9, augment="usb")  # no fixmatch with usb: no pair
+    fake_run(tmp_path, "digits", 10, "layermatch", 1, 0.9, 0.9, grad_relu="relu")  # a variant of the algorithm: with
+    old = json.loads((tmp_path / "digits@10-layermatch-s3" / "summary.json").read_text())  # fixmatch itself
+    (tmp_path / "digits@10-layermatch-s3" / "summary.json").write_text(json.dumps(old | dict(centre_acc_median_last20=None)))
     lm.main(["--table", str(tmp_path), "--markdown"])
     header, rows, after = table_rows(capsys.readouterr().out)
     assert header[2:7] == ["seed 0", "seed 1", "seed 2", "seed 3", "seed 9"]  # --markdown: each seed's figure
@@ -2979,17 +2993,24 @@ def test_paired_columns_are_seed_by_seed_differences_with_their_t_interval(tmp_p
     layermatch = rows["digits@10", "layermatch"]
     assert layermatch[2:7] == ["84.00", "72.00", "85.00", "67.00", "-"] and layermatch[7] == "4"
     assert layermatch[11] == f"{m:+.2f} ± {sd:.2f} [{m - half:+.2f}, {m + half:+.2f}]" == "-2.50 ± 5.97 [-12.00, +7.00]"
-    assert layermatch[12] == "-0.30 ± 0.26 [-0.71, +0.11]"  # centre - head: 0, -0.2, -0.4, -0.6
+    assert layermatch[12] == "-0.20 ± 0.20 [-0.70, +0.30] (seeds in common: 3)"  # centre - head: 0, -0.2, -0.4, none
     assert rows["digits@10", "fixmatch"][11:] == ["baseline", "+1.00 ± 0.00 [+1.00, +1.00]"]
-    assert rows["digits@10", "gradrelu"][11:] == ["+1.00 ± 1.00 [-1.48, +3.48] (3 common seeds)", "-"]  # 0, 1, 2
+    assert rows["digits@10", "gradrelu"][11:] == ["+1.00 ± 1.00 [-1.48, +3.48] (seeds in common: 3)", "-"]  # 0, 1, 2
     assert rows["digits@10", "avgclustering"][11] == "-" and after == []  # no seed in common
+    assert rows["digits@10", "gradrelu threshold=0.5"][11] == "+15.00 ± 7.07"  # 10 and 20 points
+    assert rows["digits@10", "fixmatch threshold=0.5"][11] == "baseline"
+    assert rows["digits@10", "layermatch augment=usb"][11] == "-"
+    assert rows["digits@10", "layermatch grad_relu=relu"][11] == "+14.00 (seeds in common: 1)"  # 90 - 76
+    assert [name for _, name in rows] == ["layermatch", "fixmatch", "gradrelu", "avgclustering", "layermatch augment=usb",
+                                          "layermatch grad_relu=relu", "fixmatch threshold=0.5",
+                                          "gradrelu threshold=0.5"]  # by settings, then in the algorithms' order
     lm.main(["--table", str(tmp_path), "--baseline", "gradrelu"])
     _, rows, after = table_rows(capsys.readouterr().out)
-    assert rows["digits@10", "fixmatch"][6] == "-1.00 ± 1.00 [-3.48, +1.48] (3 common seeds)" and after == []
+    assert rows["digits@10", "fixmatch"][6] == "-1.00 ± 1.00 [-3.48, +1.48] (seeds in common: 3)" and after == []
     lm.main(["--table", str(tmp_path), "--baseline", "supervised"])
     _, rows, after = table_rows(capsys.readouterr().out)
     assert {r[6] for r in rows.values()} == {"-"}
-    assert after == ["note: no row is supervised (--baseline ROW, one of: avgclustering, fixmatch, gradrelu, layermatch)"]
+    assert after == ["note: no supervised run to pair with (--baseline ALGORITHM)"]
 
 
 def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
@@ -3007,7 +3028,7 @@ def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
         ("folder:scans/flowers@4", ["1", "80.00", "80.00–80.00", "90.00"])]
     assert after[0].startswith("note: runs with the same seed count as one seed, averaged: "
                                "layermatch digits@20 seed 0: 2 runs (c/digits@20-layermatch-s0")
-    assert after[1].startswith("note: no row is fixmatch") and len(after) == 2
+    assert after[1] == "note: no fixmatch run to pair with (--baseline ALGORITHM)" and len(after) == 2
 
 
 STAND_IN = """#!/bin/sh
@@ -3094,16 +3115,17 @@ def test_run_cifar_sweeps_the_ablations_on_digits_two_at_a_time(tmp_path):
         assert (cfg["grad_relu"], cfg["lambda_ac"]) == {"layermatch": ("zero", 1), "gradrelu": ("zero", 0),
                                                         "avgclustering": ("off", 1)}[cfg["algorithm"]]
     _, rows, after = table_rows(r.stdout[r.stdout.index("Test accuracy %"):])
-    assert list(rows) == [("digits@10", a) for a in ("layermatch", "gradrelu", "avgclustering")]
-    assert all(row[2] == "2" for row in rows.values()) and after == ["note: no row is fixmatch (--baseline ROW, one of: "
-                                                                     "avgclustering, gradrelu, layermatch)"]
+    assert list(rows) == [("digits@10", f"{a} steps=4 eval_every=2") for a in ("layermatch", "gradrelu", "avgclustering")]
+    assert all(row[2] == "2" for row in rows.values())
+    assert after == ["note: no fixmatch run to pair with (--baseline ALGORITHM)"]
     # the paired column from the summary.json files: gradrelu - layermatch, per seed
     median = lambda a, s: 100 * json.loads((tmp_path / f"runs/digits@10-{a}-s{s}/summary.json").read_text())[
         "test_acc_median_last20"]
     d = [median("gradrelu", s) - median("layermatch", s) for s in (0, 1)]
     table = subprocess.run([sys.executable, "layermatch.py", "--table", "runs", "--baseline", "layermatch"],
                            cwd=tmp_path, capture_output=True, text=True).stdout
-    assert table_rows(table)[1]["digits@10", "gradrelu"][6] == f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f}"
+    assert table_rows(table)[1]["digits@10", "gradrelu steps=4 eval_every=2"][6] == \
+        f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f}"
     again = run("--steps", "4", "--eval-every", "2", "--device", "cpu", **env)
     assert again.returncode == 0 and "started" not in again.stdout
     assert all(f"finished, skipped: {out}" in again.stdout for out in outs)
