@@ -313,8 +313,7 @@ def affine(x, m, op, fill=128):
         7: [[angle.cos(), -angle.sin(), zero], [angle.sin(), angle.cos(), zero]],
         8: [[one, m, m * H / 2], [zero, one, zero]],  # the shift moves the shear's origin to the corner
         9: [[one, zero, zero], [m, one, m * W / 2]],
-        10: [[one, zero, m], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, m]],
-    }
+        10: [[one, zero, m], [zero, one, zero]], 11: [[one, zero, zero], [zero, one, m]]}
     mats = torch.stack([torch.stack([torch.stack(r, -1) for r in A[k]], -2) for k in A])  # [5, N, 2, 3]
     k = (op - 7).clamp(0, 4)  # on accelerators every image comes here, whatever its op; where() drops the rest
     theta = mats.gather(0, k.view(1, N, 1, 1).expand(1, N, 2, 3))[0].clone()
@@ -335,8 +334,7 @@ COLOR_OPS = {
     5: lambda x, m: blend(x, (grayscale(x).mean((1, 2, 3), keepdim=True) + 0.5).floor(), m),  # Contrast: PIL's mean
     6: lambda x, m: blend(x, sharpen_degenerate(x), m),  # Sharpness
     12: lambda x, m: x & (0xFF << (8 - m.int())).to(torch.uint8).view(-1, 1, 1, 1),  # Posterize: keep m bits
-    13: lambda x, m: torch.where(x >= m.view(-1, 1, 1, 1), 255 - x, x),  # Solarize: invert from threshold m on
-}
+    13: lambda x, m: torch.where(x >= m.view(-1, 1, 1, 1), 255 - x, x)}  # Solarize: invert from threshold m on
 GEOMETRIC_OPS = (7, 8, 9, 10, 11)  # Rotate, ShearX, ShearY, TranslateX, TranslateY; 0 is Identity
 
 def fixmatch_magnitudes(level, sign, H, W):
@@ -1624,7 +1622,7 @@ def t95(df: int) -> float:
 
 def mean_sd(v: list, sign: str = "", interval: bool = False) -> str:
     """'mean ± sd' of v; with interval, the mean's 95% t-interval [low, high] (from 3 values on)."""
-    mean, sd, n = round(statistics.mean(v), 9) + 0.0, statistics.stdev(v) if v[1:] else 0.0, len(v)  # no "-0.00"
+    mean, sd, n = round(statistics.mean(v), 2) + 0.0, statistics.stdev(v) if v[1:] else 0.0, len(v)  # + 0.0: no -0.0
     ci = f" [{mean - (h := t95(n - 1) * sd / n ** 0.5):{sign}.2f}, {mean + h:{sign}.2f}]" if interval and n > 2 else ""
     return f"{mean:{sign}.2f}" + (f" ± {sd:.2f}" if n > 1 else "") + ci
 
@@ -1645,7 +1643,8 @@ def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False)
     cells = {}  # (dataset, labels, settings ((k, v), ...), algorithm) -> {seed: [its runs' summary.json and folder]}
     for folder, cfg, summary in runs:
         default = dataclasses.asdict(resolve(Config(dataset=cfg["dataset"], algorithm=cfg["algorithm"]), True))
-        settings = tuple((k, v) for k, v in cfg.items() if default.get(k) != v and k not in NOT_IN_TABLE)
+        settings = tuple((k, str(cfg[k])) for k in default  # Config's fields in its order: one name per experiment
+                         if cfg.get(k, default[k]) != default[k] and k not in NOT_IN_TABLE)
         data = f"{cfg['dataset']}:{data_names[cfg['data_dir']]}" if cfg["dataset"] in OWN_DATA else cfg["dataset"]
         cells.setdefault((data, cfg["labels"], settings, cfg["algorithm"]), {}).setdefault(cfg["seed"], []).append(
             summary | dict(dir=os.path.relpath(folder, root)))
@@ -1655,7 +1654,8 @@ def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False)
                 if all(isinstance(x.get(k), float) for x in r)}  # (older runs have no centre_acc)
     seeds = sorted({seed for one in cells.values() for seed in one}) if markdown else []
     row = lambda algorithm, settings: " ".join([algorithm, *(f"{k}={v}" for k, v in settings)])  # its name
-    parts = ("grad_relu", "lambda_ac") + ("threshold", "lambda_u") * (baseline == "supervised")  # no baseline's
+    parts = ("grad_relu", "lambda_ac", "ac_momentum") + ("threshold", "lambda_u", "uratio", "augment") * (
+        baseline == "supervised")  # what the baseline leaves out: a variant of an algorithm pairs with the plain one
     table = [["data", "algorithm", *(f"seed {s}" for s in seeds), "n", "mean ± sd", "min–max", "best",
               f"− {baseline}, paired", "centre − head"]]
     for key in sorted(cells, key=lambda k: (*k[:2], row("", k[2]), list(ALGORITHM_DEFAULTS).index(k[3]))):
@@ -1672,8 +1672,8 @@ def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False)
              for key, one in sorted(cells.items()) for s, r in one.items() if len(r) > 1]
     notes = [f"note: runs with the same seed count as one seed, averaged: {'; '.join(twice)}"] * bool(twice)
     notes += [f"note: no {baseline} run to pair with (--baseline ALGORITHM)"] * all(k[3] != baseline for k in cells)
-    return "\n".join([f"Test accuracy %, a seed's median of its last 20 evaluations (best: mean best). Paired, seed by "
-                      f"seed: minus {baseline} at the same settings; nearest-centre minus head.", "", *lines, *notes])
+    caption = f"Test accuracy %, a seed's median of its last 20 evaluations; paired, seed by seed: minus {baseline}"
+    return "\n".join([caption + " in the same experiment; mean ± sd [95% t-interval]", "", *lines, *notes])
 
 # ---------------------------------------------------------------------------------------------
 # main

@@ -3013,6 +3013,33 @@ def test_paired_columns_are_seed_by_seed_differences_with_their_t_interval(tmp_p
     assert after == ["note: no supervised run to pair with (--baseline ALGORITHM)"]
 
 
+def test_each_row_pairs_with_the_baseline_of_its_own_experiment(tmp_path, capsys):
+    """The baseline algorithm's run at the row's settings, those of the algorithms' parts aside (and, for supervised,
+    of pseudo-labels too); config.json's keys in any order, keys of other versions and values of any JSON type."""
+    for seed in (0, 1):
+        fake_run(tmp_path, "digits", 10, "fixmatch", seed, 0.80, 0.80)
+        fake_run(tmp_path, "digits", 10, "supervised", seed, 0.60 + 0.1 * seed, 0.7)
+        fake_run(tmp_path, "digits", 10, "fixmatch", seed, 0.70, 0.70, threshold=0.5)
+        fake_run(tmp_path, "digits", 10, "layermatch", seed, 0.84, 0.84, ac_momentum=0.9)  # a part's setting
+        fake_run(tmp_path, "digits", 10, "layermatch", seed, 0.80 - 0.00003 * seed, 0.84)  # 0 and -0.003 points
+    path = tmp_path / "digits@10-fixmatch-s1-threshold" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(reversed(config.items())) | dict(bench=False, extra=[1, {"a": None}])))
+    lm.main(["--table", str(tmp_path)])
+    _, rows, after = table_rows(capsys.readouterr().out)
+    assert rows["digits@10", "fixmatch threshold=0.5"][2] == "2" and after == []  # one row: one experiment
+    assert rows["digits@10", "layermatch ac_momentum=0.9"][6] == "+4.00 ± 0.00"  # with plain fixmatch
+    assert rows["digits@10", "layermatch"][6] == "+0.00 ± 0.00"  # not -0.00
+    lm.main(["--table", str(tmp_path), "--baseline", "supervised"])
+    _, rows, _ = table_rows(capsys.readouterr().out)
+    assert rows["digits@10", "fixmatch threshold=0.5"][6] == "+5.00 ± 7.07"  # 10 and 0 points above supervised
+    assert rows["digits@10", "supervised"][6] == "baseline"
+    lm.main(["--table", str(tmp_path), "--baseline", "layermatch"])
+    _, rows, _ = table_rows(capsys.readouterr().out)
+    assert rows["digits@10", "layermatch ac_momentum=0.9"][6] == "+4.00 ± 0.00"  # paired, not itself a baseline
+    assert [row[6] for (_, name), row in rows.items() if name.startswith("layermatch")] == ["baseline", "+4.00 ± 0.00"]
+
+
 def test_results_table_tells_experiments_and_seeds_apart(tmp_path, capsys):
     """Two image folders are two experiments, not two seeds; two runs with one seed are one seed, flagged."""
     fake_run(tmp_path / "a", "folder", 4, "layermatch", 0, 0.60, 0.70, data_dir="/data/photos/flowers")
