@@ -1622,9 +1622,9 @@ def t95(df: int) -> float:
 
 def mean_sd(v: list, sign: str = "", interval: bool = False) -> str:
     """'mean ± sd' of v; with interval, the mean's 95% t-interval [low, high] (from 3 values on)."""
-    mean, sd, n = round(statistics.mean(v), 2) + 0.0, statistics.stdev(v) if v[1:] else 0.0, len(v)  # + 0.0: no -0.0
+    mean, sd, n = statistics.mean(v), statistics.stdev(v) if v[1:] else 0.0, len(v)
     ci = f" [{mean - (h := t95(n - 1) * sd / n ** 0.5):{sign}.2f}, {mean + h:{sign}.2f}]" if interval and n > 2 else ""
-    return f"{mean:{sign}.2f}" + (f" ± {sd:.2f}" if n > 1 else "") + ci
+    return f"{round(mean, 2) + 0.0:{sign}.2f}" + (f" ± {sd:.2f}" if n > 1 else "") + ci  # (+ 0.0: no "-0.00" mean)
 
 def paired(a: dict, b: dict) -> str:
     """Seed by seed, over the seeds both have, a - b: mean ± sd [95% t-interval]; how many, if not all."""
