@@ -3152,7 +3152,7 @@ def test_run_cifar_sweeps_the_ablations_on_digits_two_at_a_time(tmp_path):
     table = subprocess.run([sys.executable, "layermatch.py", "--table", "runs", "--baseline", "layermatch"],
                            cwd=tmp_path, capture_output=True, text=True).stdout
     assert table_rows(table)[1]["digits@10", "gradrelu steps=4 eval_every=2"][6] == \
-        f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f}"
+        f"{round(statistics.mean(d), 2) + 0.0:+.2f} ± {statistics.stdev(d):.2f}"  # (+ 0.0: as the table, no -0.00)
     again = run("--steps", "4", "--eval-every", "2", "--device", "cpu", **env)
     assert again.returncode == 0 and "started" not in again.stdout
     assert all(f"finished, skipped: {out}" in again.stdout for out in outs)
