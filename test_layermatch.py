@@ -2983,7 +2983,8 @@ def test_paired_columns_are_seed_by_seed_differences_with_their_t_interval(tmp_p
     fake_run(tmp_path, "digits", 10, "layermatch", 0, 0.9, 0.9, augment="usb")  # no fixmatch with usb: no pair
     fake_run(tmp_path, "digits", 10, "layermatch", 1, 0.9, 0.9, grad_relu="relu")  # a variant of the algorithm: with
     old = json.loads((tmp_path / "digits@10-layermatch-s3" / "summary.json").read_text())  # fixmatch itself
-    (tmp_path / "digits@10-layermatch-s3" / "summary.json").write_text(json.dumps(old | dict(centre_acc_median_last20=None)))
+    (tmp_path / "digits@10-layermatch-s3" / "summary.json").write_text(
+        json.dumps(old | dict(centre_acc_median_last20=None)))
     lm.main(["--table", str(tmp_path), "--markdown"])
     header, rows, after = table_rows(capsys.readouterr().out)
     assert header[2:7] == ["seed 0", "seed 1", "seed 2", "seed 3", "seed 9"]  # --markdown: each seed's figure
@@ -3001,8 +3002,8 @@ def test_paired_columns_are_seed_by_seed_differences_with_their_t_interval(tmp_p
     assert rows["digits@10", "fixmatch threshold=0.5"][11] == "baseline"
     assert rows["digits@10", "layermatch augment=usb"][11] == "-"
     assert rows["digits@10", "layermatch grad_relu=relu"][11] == "+14.00 (seeds in common: 1)"  # 90 - 76
-    assert [name for _, name in rows] == ["layermatch", "fixmatch", "gradrelu", "avgclustering", "layermatch augment=usb",
-                                          "layermatch grad_relu=relu", "fixmatch threshold=0.5",
+    assert [name for _, name in rows] == ["layermatch", "fixmatch", "gradrelu", "avgclustering",
+                                          "layermatch augment=usb", "layermatch grad_relu=relu", "fixmatch threshold=0.5",
                                           "gradrelu threshold=0.5"]  # by settings, then in the algorithms' order
     lm.main(["--table", str(tmp_path), "--baseline", "gradrelu"])
     _, rows, after = table_rows(capsys.readouterr().out)
@@ -3142,7 +3143,8 @@ def test_run_cifar_sweeps_the_ablations_on_digits_two_at_a_time(tmp_path):
         assert (cfg["grad_relu"], cfg["lambda_ac"]) == {"layermatch": ("zero", 1), "gradrelu": ("zero", 0),
                                                         "avgclustering": ("off", 1)}[cfg["algorithm"]]
     _, rows, after = table_rows(r.stdout[r.stdout.index("Test accuracy %"):])
-    assert list(rows) == [("digits@10", f"{a} steps=4 eval_every=2") for a in ("layermatch", "gradrelu", "avgclustering")]
+    assert list(rows) == [("digits@10", f"{a} steps=4 eval_every=2")
+                          for a in ("layermatch", "gradrelu", "avgclustering")]
     assert all(row[2] == "2" for row in rows.values())
     assert after == ["note: no fixmatch run to pair with (--baseline ALGORITHM)"]
     # the paired column from the summary.json files: gradrelu - layermatch, per seed
