@@ -1600,7 +1600,7 @@ def evaluate_run(cfg: Config):
 # What a row's settings leave out: the experiment (its own columns), the speed, the bookkeeping (torchrun_job: v5's job)
 NOT_IN_TABLE = BOOKKEEPING + IDENTITY + ("job", "slurm_job", "requeue", "torchrun_job", "data_dir", "device",
                                          "precision", "channels_last", "compile", "evaluate", "table", "baseline",
-                                         "markdown")
+                                         "markdown", "data_on", "cache_dir")
 OWN_DATA = ("folder", "imagenet100")  # datasets whose identity is their --data-dir
 
 def short_names(paths: set) -> dict:
@@ -1632,8 +1632,7 @@ def paired(a: dict, b: dict) -> str:
     return mean_sd(d, "+", True) + (f" (seeds in common: {len(d)})" if a.keys() != b.keys() else "") if d else "-"
 
 def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False) -> str:
-    """--table: an aligned markdown table, a row per dataset@labels, non-default settings and algorithm, from every
-    summary.json below root; each seed's runs averaged, then paired with the baseline algorithm's at those settings."""
+    """--table: every summary.json below root, a row per experiment (dataset@labels, settings) and algorithm."""
     runs = [(folder, read_json(os.path.join(folder, "config.json"), needs=RUN_CONFIG),
              read_json(os.path.join(folder, "summary.json"), needs=REPORTED))
             for folder, _, files in sorted(os.walk(root)) if {"summary.json", "config.json"} <= set(files)]
@@ -1655,12 +1654,13 @@ def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False)
     seeds = sorted({seed for one in cells.values() for seed in one}) if markdown else []
     row = lambda algorithm, settings: " ".join([algorithm, *(f"{k}={v}" for k, v in settings)])  # its name
     parts = ("grad_relu", "lambda_ac", "ac_momentum") + ("threshold", "lambda_u", "uratio", "augment") * (
-        baseline == "supervised")  # what the baseline leaves out: a variant of an algorithm pairs with the plain one
+        baseline == "supervised")  # the baseline at the row's settings, else without these (a variant: plain)
     table = [["data", "algorithm", *(f"seed {s}" for s in seeds), "n", "mean ± sd", "min–max", "best",
               f"− {baseline}, paired", "centre − head"]]
     for key in sorted(cells, key=lambda k: (*k[:2], row("", k[2]), list(ALGORITHM_DEFAULTS).index(k[3]))):
         acc, centre = over(cells[key]), over(cells[key], "centre_acc_median_last20")
-        base = (*key[:2], tuple(kv for kv in key[2] if kv[0] not in parts), baseline)  # this experiment's baseline
+        exact, plain = (*key[:3], baseline), (*key[:2], tuple(kv for kv in key[2] if kv[0] not in parts), baseline)
+        base = exact if exact in cells and (key[3] != baseline or plain not in cells) else plain  # (a variant: plain)
         table.append([f"{key[0]}@{key[1]}", row(key[3], key[2]), *(f"{acc[i]:.2f}" if i in acc else "-" for i in seeds),
                       str(len(acc)), mean_sd(list(acc.values())), f"{min(acc.values()):.2f}–{max(acc.values()):.2f}",
                       f"{statistics.mean(over(cells[key], 'test_acc_best').values()):.2f}",
@@ -1672,8 +1672,8 @@ def results_table(root: str, baseline: str = "fixmatch", markdown: bool = False)
              for key, one in sorted(cells.items()) for s, r in one.items() if len(r) > 1]
     notes = [f"note: runs with the same seed count as one seed, averaged: {'; '.join(twice)}"] * bool(twice)
     notes += [f"note: no {baseline} run to pair with (--baseline ALGORITHM)"] * all(k[3] != baseline for k in cells)
-    caption = f"Test accuracy %, a seed's median of its last 20 evaluations; paired, seed by seed: minus {baseline}"
-    return "\n".join([caption + " in the same experiment; mean ± sd [95% t-interval]", "", *lines, *notes])
+    caption = f"Test accuracy %, a seed's median of its last 20 evaluations (best: its best); paired by seed: minus"
+    return "\n".join([caption + f" {baseline} in the same experiment; mean ± sd [95% t-interval]", "", *lines, *notes])
 
 # ---------------------------------------------------------------------------------------------
 # main
@@ -1692,8 +1692,8 @@ def main(argv=None):
     except Interrupted as e:
         print(f"layermatch.py: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
-    finally:  # a process group left to the interpreter's exit can abort it ("terminate called...", SIGABRT)
-        if dist.is_initialized():
+    finally:  # gloo's group left to the interpreter's exit can abort it ("terminate called..."); NCCL's shutdown
+        if dist.is_initialized() and dist.get_backend() == "gloo":  # may wait for ranks that stopped elsewhere
             dist.destroy_process_group()
 
 if __name__ == "__main__":

@@ -87,14 +87,20 @@ trap - INT TERM
 # several nodes need locks that reach every node (NFS with its lock service; Lustre mounted with flock, not localflock).
 claim='import os, sys
 out, cmd = sys.argv[1], sys.argv[2:]
+path = os.path.join(out, "sweep.lock")
 try:
-    import fcntl
-    lock = open(os.path.join(out, "sweep.lock"), "a")
+    import errno, fcntl
+    try:
+        lock = open(path, "a")
+    except PermissionError:  # a lock file of another user in a shared folder: a read-only descriptor takes it too
+        lock = open(path)
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # kept across exec (its decoding processes end with the run)
     os.set_inheritable(lock.fileno(), True)
 except BlockingIOError:
     sys.exit(75)
-except (ImportError, OSError) as e:  # Windows, NFS without its lock service, a folder not writable (the run says so)
+except (ImportError, OSError) as e:  # only where the system has no locks does the run start unclaimed
+    if isinstance(e, OSError) and e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+        sys.exit(f"run_cifar.sh: cannot lock {path} ({e}): not started, as another sweep may be training it")
     print(f"run_cifar.sh: note: no lock in {out} ({e}): a second sweep over this grid would train it too",
           file=sys.stderr)
 os.execvp(cmd[0], cmd + ["--resume" if os.path.exists(os.path.join(out, "checkpoint.pt")) else "--overwrite"])'

@@ -23,6 +23,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -3020,7 +3021,7 @@ def test_each_row_pairs_with_the_baseline_of_its_own_experiment(tmp_path, capsys
     for seed in (0, 1):
         fake_run(tmp_path, "digits", 10, "fixmatch", seed, 0.80, 0.80)
         fake_run(tmp_path, "digits", 10, "supervised", seed, 0.60 + 0.1 * seed, 0.7)
-        fake_run(tmp_path, "digits", 10, "fixmatch", seed, 0.70, 0.70, threshold=0.5)
+        fake_run(tmp_path, "digits", 10, "fixmatch", seed, 0.70, 0.70, threshold=0.5, data_on="host")  # (placement)
         fake_run(tmp_path, "digits", 10, "layermatch", seed, 0.84, 0.84, ac_momentum=0.9)  # a part's setting
         fake_run(tmp_path, "digits", 10, "layermatch", seed, 0.80 - 0.00003 * seed, 0.84)  # 0 and -0.003 points
     path = tmp_path / "digits@10-fixmatch-s1-threshold" / "config.json"
@@ -3031,6 +3032,13 @@ def test_each_row_pairs_with_the_baseline_of_its_own_experiment(tmp_path, capsys
     assert rows["digits@10", "fixmatch threshold=0.5"][2] == "2" and after == []  # one row: one experiment
     assert rows["digits@10", "layermatch ac_momentum=0.9"][6] == "+4.00 ± 0.00"  # with plain fixmatch
     assert rows["digits@10", "layermatch"][6] == "+0.00 ± 0.00"  # not -0.00
+    for seed in (0, 1):  # both at a part's setting (run_cifar.sh passes its arguments to every algorithm): they pair
+        fake_run(tmp_path / "both", "digits", 10, "fixmatch", seed, 0.70, 0.70, ac_momentum=0.9)
+        fake_run(tmp_path / "both", "digits", 10, "gradrelu", seed, 0.75 + 0.1 * seed, 0.80, ac_momentum=0.9)
+    lm.main(["--table", str(tmp_path / "both")])
+    _, rows, _ = table_rows(capsys.readouterr().out)
+    assert [r[6] for r in rows.values()] == ["baseline", "+10.00 ± 7.07"]
+    shutil.rmtree(tmp_path / "both")
     lm.main(["--table", str(tmp_path), "--baseline", "supervised"])
     _, rows, _ = table_rows(capsys.readouterr().out)
     assert rows["digits@10", "fixmatch threshold=0.5"][6] == "+5.00 ± 7.07"  # 10 and 0 points above supervised
@@ -3284,14 +3292,36 @@ def test_run_cifar_skips_a_run_that_another_sweep_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_cifar_a_claim_it_cannot_take_is_a_note_and_the_run_goes_on(tmp_path):
-    """A lock file that cannot be opened (here a folder of that name; also a folder not writable) is one note, not
-    a traceback: the run starts unclaimed, and says itself what is wrong with its folder."""
+def test_run_cifar_a_run_whose_lock_cannot_be_taken_is_not_trained(tmp_path):
+    """A lock file that cannot be opened (here a folder of that name) is one line and a failed run, never a run
+    started unclaimed: another sweep may be training it, and --overwrite would delete its files."""
     run, log = sweep(tmp_path), tmp_path / "bin" / "calls.log"
     (tmp_path / "runs" / "digits@10-layermatch-s0" / "sweep.lock").mkdir(parents=True)
     r = run(RUNS="digits@10", SEEDS="0")
-    assert "Traceback" not in r.stderr and "run_cifar.sh: note: no lock in runs/digits@10-layermatch-s0 (" in r.stderr
-    assert "--out runs/digits@10-layermatch-s0 --overwrite" in log.read_text(), r.stderr
+    assert "Traceback" not in r.stderr and "run_cifar.sh: cannot lock runs/digits@10-layermatch-s0/sweep.lock (" in r.stderr
+    assert "failed (exit 1): runs/digits@10-layermatch-s0" in r.stdout and "--out" not in log.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="root, to run the claim as another user")
+def test_run_cifar_claims_a_lock_file_of_another_user(tmp_path):
+    """In a shared runs/ folder another user's sweep.lock is not writable: the claim still takes (and here, held by
+    that user, waits out) the lock through a read-only descriptor, instead of training unclaimed."""
+    import fcntl  # (Linux: the claim's locks)
+    claim = re.search(r"claim='(.*?)'\n", open(os.path.join(HERE, "run_cifar.sh")).read(), re.S).group(1)
+    shared = tempfile.mkdtemp()  # /tmp: reachable by nobody
+    try:
+        os.chmod(shared, 0o777)
+        lock_path = os.path.join(shared, "sweep.lock")
+        with open(lock_path, "a") as held:  # root's, mode 0644, held by root's sweep
+            os.chmod(lock_path, 0o644)
+            fcntl.flock(held, fcntl.LOCK_EX)
+            r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                                claim, shared, "echo", "trained"], capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stdout) == (75, ""), r.stderr  # 75: another sweep trains it
+    finally:
+        shutil.rmtree(shared)
 
 
 HOLDING_PYTHON = """echo "$@" >> "$(dirname "$0")/calls.log"
