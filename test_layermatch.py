@@ -3024,7 +3024,7 @@ def test_each_row_pairs_with_the_baseline_of_its_own_experiment(tmp_path, capsys
         fake_run(tmp_path, "digits", 10, "fixmatch", seed, 0.70, 0.70, threshold=0.5, data_on="host")  # (placement)
         fake_run(tmp_path, "digits", 10, "layermatch", seed, 0.84, 0.84, ac_momentum=0.9)  # a part's setting
         fake_run(tmp_path, "digits", 10, "layermatch", seed, 0.80 - 0.00003 * seed, 0.84)  # 0 and -0.003 points
-    path = tmp_path / "digits@10-fixmatch-s1-threshold" / "config.json"
+    path = tmp_path / "digits@10-fixmatch-s1-threshold-data_on" / "config.json"
     config = json.loads(path.read_text())
     path.write_text(json.dumps(dict(reversed(config.items())) | dict(bench=False, extra=[1, {"a": None}])))
     lm.main(["--table", str(tmp_path)])
